@@ -1,0 +1,1 @@
+"""Generated protobuf and gRPC stubs for the ttaserve wire protocol (see generate.sh)."""
