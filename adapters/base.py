@@ -124,7 +124,7 @@ class StrategyContext:
 
     partner: nn.Module | None = None
     source: SourceData | None = None
-    device: torch.device = torch.device("cpu")
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     seed: int = 0
 
 

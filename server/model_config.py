@@ -121,7 +121,9 @@ class ModelConfig(_Strict):
         for field_name in ("mean", "std"):
             values = getattr(self.preprocessing, field_name)
             if len(values) not in (1, channels):
-                raise ValueError(f"preprocessing.{field_name} has {len(values)} values; the input has {channels} channels")
+                raise ValueError(
+                    f"preprocessing.{field_name} has {len(values)} values; the input has {channels} channels"
+                )
         return self
 
     @property
