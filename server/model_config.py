@@ -78,8 +78,19 @@ class DynamicBatching(_Strict):
 
 
 class SessionSettings(_Strict):
-    idle_timeout_s: float = Field(default=600.0, gt=0)
-    max_sessions: int = Field(default=256, gt=0)
+    """Session lifetime, snapshots and the collapse guard.
+
+    The guard resets a session to the source state when its logits or stats turn non-finite, or when the running
+    (EMA) class marginal of its predictions loses its entropy: a model that predicts one class for everything. The
+    long default horizon (momentum 0.99, about 100 batches) keeps label-sorted streams, which legitimately see one
+    class for a few dozen batches, from tripping it.
+    """
+
+    #: write a snapshot every N steps (0 = only on request and on drain), so another replica can resume
+    snapshot_every_steps: int = Field(default=0, ge=0)
+    collapse_min_marginal_entropy: float = Field(default=0.15, ge=0)
+    collapse_marginal_momentum: float = Field(default=0.99, ge=0, lt=1)
+    collapse_min_steps: int = Field(default=50, ge=0)
 
 
 class ModelConfig(_Strict):

@@ -1,0 +1,191 @@
+"""Assembling and running the server: repository, pipeline, gRPC services, health, reflection, metrics, drain."""
+
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+from concurrent import futures
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import grpc
+import torch
+from google.protobuf import descriptor_pb2, descriptor_pool
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection, reflection_pb2
+
+import ttaserve.protocol
+from ttaserve.protocol import adaptation_pb2_grpc, grpc_service_pb2_grpc
+
+from .adaptation_service import AdaptationServicer
+from .engines.torch_engine import resolve_device
+from .inference_service import InferenceServicer, InflightTracker
+from .metrics import Metrics
+from .pipeline import Pipeline
+from .repository import ModelRepository
+from .sessions import SessionTable
+from .settings import ServerSettings
+
+log = logging.getLogger(__name__)
+
+INFERENCE_SERVICE = "inference.GRPCInferenceService"
+ADAPTATION_SERVICE = "ttaserve.v1.Adaptation"
+_SWEEP_INTERVAL_S = 5.0
+
+
+def reflection_pool() -> descriptor_pool.DescriptorPool:
+    """A private descriptor pool with every service we expose. The v2 service is declared in package ``inference``,
+    which ``tritonclient`` also registers in protobuf's default pool; a private pool lets both live in one process."""
+    pool = descriptor_pool.DescriptorPool()
+    files = descriptor_pb2.FileDescriptorSet()
+    files.ParseFromString((Path(ttaserve.protocol.__file__).parent / "descriptor_set.binpb").read_bytes())
+    for file in files.file:
+        pool.Add(file)
+    for module in (health_pb2, reflection_pb2):
+        proto = descriptor_pb2.FileDescriptorProto()
+        module.DESCRIPTOR.CopyToProto(proto)
+        pool.Add(proto)
+    return pool
+
+
+@dataclass
+class ServerHandle:
+    """A running server. ``drain`` is what SIGTERM triggers; ``stop`` ends it at once."""
+
+    settings: ServerSettings
+    server: grpc.Server
+    grpc_port: int
+    metrics_port: int | None
+    repository: ModelRepository
+    sessions: SessionTable
+    metrics: Metrics
+    health: health.HealthServicer
+    inflight: InflightTracker
+    _stopped: threading.Event = field(default_factory=threading.Event)
+
+    def drain(self) -> None:
+        """Not-ready first, finish in-flight requests, snapshot live sessions, then stop."""
+        log.info("draining: reporting not-ready")
+        self.inflight.draining = True
+        self.health.enter_graceful_shutdown()
+        if not self.inflight.wait_idle(self.settings.drain_timeout_s):
+            log.warning("drain timeout: requests still in flight after %.1fs", self.settings.drain_timeout_s)
+        saved = 0
+        for session in self.sessions.sessions():
+            with session.lock.hold():
+                self.sessions.snapshot(session)
+            saved += 1
+        log.info("drained: %d session snapshot(s) written to %s", saved, self.sessions.snapshot_dir)
+        self.stop(grace_s=1.0)
+
+    def stop(self, grace_s: float = 0.0) -> None:
+        if self._stopped.is_set():
+            return
+        self._stopped.set()
+        self.server.stop(grace_s).wait()
+        self.metrics.close()
+        self.repository.close()
+
+    def wait(self) -> None:
+        self._stopped.wait()
+
+
+def start_server(settings: ServerSettings) -> ServerHandle:
+    logging.basicConfig(level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if settings.torch_threads:
+        torch.set_num_threads(settings.torch_threads)
+    device = resolve_device(settings.device)
+    log.info("device %s (torch %s, cuda available: %s)", device, torch.__version__, torch.cuda.is_available())
+
+    metrics = Metrics()
+    repository = ModelRepository(settings.model_repository, device)
+    repository.load_all(settings.models)
+    for model in repository.loaded():
+        metrics.model_ready.labels(model.name, str(model.version)).set(1)
+        metrics.engine_info.labels(model.name, str(model.version)).info(model.engine.describe())
+
+    snapshot_dir = settings.snapshot_dir or Path("snapshots")
+    sessions = SessionTable(
+        max_sessions=settings.max_sessions,
+        idle_timeout_s=settings.session_idle_timeout_s,
+        snapshot_dir=snapshot_dir,
+        on_removed=lambda session, reason: (
+            metrics.session_resets.labels(session.key.strategy, reason).inc() if reason != "ended" else None
+        ),
+    )
+    pipeline = Pipeline(repository, sessions, metrics)
+    inflight = InflightTracker()
+
+    limit = settings.max_message_mb * 1024 * 1024
+    server = grpc.server(
+        futures.ThreadPoolExecutor(max_workers=settings.workers, thread_name_prefix="ttaserve-rpc"),
+        options=[
+            ("grpc.max_receive_message_length", limit),
+            ("grpc.max_send_message_length", limit),
+            ("grpc.so_reuseport", 0),
+        ],
+    )
+    grpc_service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(
+        InferenceServicer(repository, pipeline, inflight), server
+    )
+    adaptation_pb2_grpc.add_AdaptationServicer_to_server(AdaptationServicer(repository, sessions, metrics), server)
+    health_servicer = health.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    for name in ("", INFERENCE_SERVICE, ADAPTATION_SERVICE, *{m.name for m in repository.loaded()}):
+        health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+    reflection.enable_server_reflection(
+        (INFERENCE_SERVICE, ADAPTATION_SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME),
+        server,
+        pool=reflection_pool(),
+    )
+    port = server.add_insecure_port(f"{settings.grpc_host}:{settings.grpc_port}")
+    if port == 0:
+        raise RuntimeError(f"cannot bind gRPC port {settings.grpc_host}:{settings.grpc_port}")
+    server.start()
+    metrics_port = metrics.serve(settings.metrics_port) if settings.metrics_port is not None else None
+    handle = ServerHandle(
+        settings=settings,
+        server=server,
+        grpc_port=port,
+        metrics_port=metrics_port,
+        repository=repository,
+        sessions=sessions,
+        metrics=metrics,
+        health=health_servicer,
+        inflight=inflight,
+    )
+    _start_sweeper(handle)
+    log.info(
+        "ttaserve listening on %s:%d (metrics %s), models: %s",
+        settings.grpc_host,
+        port,
+        metrics_port if metrics_port is not None else "off",
+        ", ".join(f"{m.name}/{m.version}" for m in repository.loaded()) or "none",
+    )
+    return handle
+
+
+def _start_sweeper(handle: ServerHandle) -> None:
+    """Expire idle sessions in the background and keep the session gauges current."""
+
+    def sweep() -> None:
+        while not handle._stopped.wait(_SWEEP_INTERVAL_S):
+            handle.sessions.expire_idle()
+            handle.metrics.active_sessions.set(len(handle.sessions))
+            handle.metrics.session_state_bytes.set(handle.sessions.total_state_bytes())
+
+    threading.Thread(target=sweep, name="ttaserve-session-sweeper", daemon=True).start()
+
+
+def serve(settings: ServerSettings) -> None:
+    """Run until SIGTERM or SIGINT, then drain."""
+    handle = start_server(settings)
+
+    def on_signal(signum: int, _frame: object) -> None:
+        log.info("received %s", signal.Signals(signum).name)
+        threading.Thread(target=handle.drain, name="ttaserve-drain").start()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    handle.wait()

@@ -1,0 +1,130 @@
+"""Dynamic batching of concurrent stateless requests to one model.
+
+Leader/follower, no extra thread: a request that finds the engine idle runs at once, taking every request queued
+behind it (up to ``max_batch_size`` rows) into the same forward pass; requests that arrive while a pass is running
+wait and form the next batch. At low load this adds no latency (no hand-off between threads, no timer); under load
+batches grow by themselves. ``max_queue_delay_us`` > 0 additionally lets a leader wait that long for more rows, as
+Triton's dynamic batcher does, trading latency for larger batches.
+
+Each caller gets exactly its own rows back: rows are concatenated in queue order and split by the same offsets.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+
+
+@dataclass
+class _Item:
+    rows: np.ndarray
+    enqueued_ns: int
+    done: bool = False
+    result: np.ndarray | None = None
+    error: BaseException | None = None
+    queue_ns: int = 0
+    batch_size: int = 0
+    extra: dict[str, int] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class BatchedResult:
+    output: np.ndarray
+    queue_ns: int
+    infer_ns: int
+    batch_size: int
+
+
+class DynamicBatcher:
+    def __init__(
+        self,
+        run: Callable[[np.ndarray], np.ndarray],
+        max_batch_size: int,
+        max_queue_delay_us: int = 0,
+        on_execution: Callable[[int, int], None] | None = None,
+    ) -> None:
+        self._run = run
+        self._max_rows = max_batch_size
+        self._delay_s = max_queue_delay_us / 1e6
+        self._on_execution = on_execution
+        self._cond = threading.Condition()
+        self._queue: deque[_Item] = deque()
+        self._busy = False
+
+    def submit(self, rows: np.ndarray) -> BatchedResult:
+        item = _Item(rows=rows, enqueued_ns=time.perf_counter_ns())
+        with self._cond:
+            self._queue.append(item)
+            if self._delay_s > 0:
+                self._cond.notify_all()  # a leader waiting for more rows counts this one
+        while True:
+            with self._cond:
+                while self._busy and not item.done:
+                    self._cond.wait()
+                if item.done:
+                    return self._result(item)
+                self._busy = True
+                batch = self._take_batch()
+            # this thread leads `batch` (its own item first unless a full batch was queued before it)
+            try:
+                self._execute(batch)
+            finally:
+                with self._cond:
+                    self._busy = False
+                    self._cond.notify_all()
+
+    def _take_batch(self) -> list[_Item]:
+        """Pop up to max rows (called with the lock held); optionally wait ``max_queue_delay`` for more."""
+        if self._delay_s > 0:
+            deadline = time.perf_counter() + self._delay_s
+            while self._queued_rows() < self._max_rows:
+                remaining = deadline - time.perf_counter()
+                if remaining <= 0:
+                    break
+                self._cond.wait(remaining)
+        batch: list[_Item] = []
+        rows = 0
+        while self._queue:
+            size = len(self._queue[0].rows)
+            if batch and rows + size > self._max_rows:
+                break
+            batch.append(self._queue.popleft())
+            rows += size
+        return batch
+
+    def _queued_rows(self) -> int:
+        return sum(len(item.rows) for item in self._queue)
+
+    def _execute(self, batch: list[_Item]) -> None:
+        start = time.perf_counter_ns()
+        try:
+            stacked = batch[0].rows if len(batch) == 1 else np.concatenate([item.rows for item in batch])
+            output = self._run(stacked)
+        except BaseException as exc:  # every waiting caller must learn of the failure
+            for item in batch:
+                item.error, item.done = exc, True
+            return
+        infer_ns = time.perf_counter_ns() - start
+        if self._on_execution is not None:
+            self._on_execution(len(stacked), infer_ns)
+        offset = 0
+        for item in batch:
+            count = len(item.rows)
+            item.result = output[offset : offset + count]
+            item.queue_ns = start - item.enqueued_ns
+            item.batch_size = len(stacked)
+            item.extra["infer_ns"] = infer_ns
+            item.done = True
+            offset += count
+
+    @staticmethod
+    def _result(item: _Item) -> BatchedResult:
+        if item.error is not None:
+            raise item.error
+        assert item.result is not None
+        return BatchedResult(item.result, item.queue_ns, item.extra["infer_ns"], item.batch_size)

@@ -1,0 +1,324 @@
+"""The request path: parse -> (session lookup) -> engine or adapter step -> outputs -> statistics and metrics.
+
+Transport-agnostic: the gRPC servicer calls ``Pipeline.infer`` for unary and streaming requests alike.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from ttaserve.protocol import kserve_v2_pb2 as pb
+
+from .codec import encode_bytes_elements, set_parameter
+from .errors import InvalidArgument, NotFound, ServingError
+from .loaded_model import LoadedModel
+from .metrics import Metrics
+from .model_config import SessionSettings
+from .repository import ModelRepository
+from .request import ParsedRequest, RequestedOutput, SessionRequest, parse_request
+from .sessions import Session, SessionKey, SessionTable, marginal_entropy, session_from_payload
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class RunResult:
+    logits: np.ndarray
+    stats: dict[str, float] = field(default_factory=dict)
+    queue_ns: int = 0
+    infer_ns: int = 0
+    session_steps: int | None = None
+    session_event: str = ""
+
+
+class Pipeline:
+    def __init__(self, repository: ModelRepository, sessions: SessionTable, metrics: Metrics) -> None:
+        self.repository = repository
+        self.sessions = sessions
+        self.metrics = metrics
+
+    # --- entry point ------------------------------------------------------------------------------------------
+
+    def infer(self, request: pb.ModelInferRequest, caller: str) -> pb.ModelInferResponse:
+        start = time.perf_counter_ns()
+        model = self.repository.get(request.model_name, request.model_version)
+        strategy = "none"
+        try:
+            parsed = parse_request(request, model)
+            strategy = parsed.strategy
+            parsed_ns = time.perf_counter_ns()
+            result = self._run(model, parsed, caller)
+            run_ns = time.perf_counter_ns()
+            response = build_response(request, model, parsed, result)
+        except ServingError as exc:
+            self._record_failure(model, strategy, start, "invalid" if exc.code.name != "INTERNAL" else "error")
+            raise
+        except Exception:
+            self._record_failure(model, strategy, start, "error")
+            raise
+        end = time.perf_counter_ns()
+        rows = len(parsed.images)
+        model.statistics.record_request(
+            ok=True,
+            total_ns=end - start,
+            queue_ns=result.queue_ns,
+            input_ns=parsed_ns - start,
+            infer_ns=run_ns - parsed_ns - result.queue_ns,
+            output_ns=end - run_ns,
+            rows=rows,
+        )
+        self._record_success(model, parsed, result, (end - start) / 1e9, (run_ns - parsed_ns - result.queue_ns) / 1e9)
+        return response
+
+    # --- running a batch --------------------------------------------------------------------------------------
+
+    def _run(self, model: LoadedModel, parsed: ParsedRequest, caller: str) -> RunResult:
+        if parsed.session is not None:
+            return self._run_session(model, parsed, parsed.session, caller)
+        if parsed.strategy == "none":
+            return self._run_source(model, parsed.images)
+        return self._run_stateless(model, parsed)
+
+    def _run_source(self, model: LoadedModel, images: np.ndarray) -> RunResult:
+        if model.batcher is not None:
+            batched = model.batcher.submit(images)
+            self.metrics.batch_size.labels(model.name, str(model.version)).observe(batched.batch_size)
+            return RunResult(batched.output, queue_ns=batched.queue_ns, infer_ns=batched.infer_ns)
+        start = time.perf_counter_ns()
+        logits = model.run_source(images)
+        infer_ns = time.perf_counter_ns() - start
+        model.statistics.record_execution(len(images), infer_ns)
+        self.metrics.batch_size.labels(model.name, str(model.version)).observe(len(images))
+        return RunResult(logits, infer_ns=infer_ns)
+
+    def _run_stateless(self, model: LoadedModel, parsed: ParsedRequest) -> RunResult:
+        """One episode: a fresh source state, one step, state discarded."""
+        strategy = model.strategy(parsed.strategy)
+        start = time.perf_counter_ns()
+        state = strategy.init_state(parsed.settings)
+        step = strategy.step(state, torch.from_numpy(parsed.images).to(model.device), parsed.settings)
+        logits = step.logits.detach().float().cpu().numpy()
+        infer_ns = time.perf_counter_ns() - start
+        model.statistics.record_execution(len(logits), infer_ns)
+        return RunResult(logits, stats=step.stats, infer_ns=infer_ns)
+
+    def _run_session(
+        self, model: LoadedModel, parsed: ParsedRequest, request: SessionRequest, caller: str
+    ) -> RunResult:
+        key = SessionKey(caller, model.name, parsed.strategy, request.sequence_id)
+        strategy = model.strategy(parsed.strategy)
+        session, event = self._open_session(model, key, parsed, request.start)
+        enqueued = time.perf_counter_ns()
+        with session.lock.hold():
+            if session.ended:
+                raise NotFound(f"session {request.sequence_id!r} ended while this request waited for it")
+            start = time.perf_counter_ns()
+            x = torch.from_numpy(parsed.images).to(model.device)
+            step = strategy.step(session.state, x, session.settings)
+            logits = step.logits.detach().float()
+            reason = self._collapse_reason(session, logits, step.stats, model.config.sessions)
+            if reason:
+                log.warning("session %s collapsed (%s): reset to the source state", key, reason)
+                session.state = strategy.init_state(session.settings)
+                session.marginal = None
+                session.resets += 1
+                self.metrics.session_resets.labels(parsed.strategy, "collapse").inc()
+                step = strategy.step(session.state, x, session.settings)
+                logits = step.logits.detach().float()
+                event = f"collapse: {reason}"
+            session.state = step.state
+            self._update_marginal(session, logits, model.config.sessions)
+            session.last_stats = dict(step.stats)
+            session.last_used = time.time()
+            infer_ns = time.perf_counter_ns() - start
+            every = model.config.sessions.snapshot_every_steps
+            if every and session.steps % every == 0 and not request.end:
+                self.sessions.snapshot(session)
+            steps = session.steps
+        model.statistics.record_execution(len(logits), infer_ns)
+        if request.end:
+            self.sessions.remove(key, "ended")
+            self.sessions.delete_snapshot(key)
+        self._update_session_gauges()
+        return RunResult(
+            logits.cpu().numpy(),
+            stats=step.stats,
+            queue_ns=start - enqueued,
+            infer_ns=infer_ns,
+            session_steps=steps,
+            session_event=event,
+        )
+
+    def _open_session(
+        self, model: LoadedModel, key: SessionKey, parsed: ParsedRequest, start: bool
+    ) -> tuple[Session, str]:
+        """The session for ``key``: fresh on ``sequence_start``; else the live one, or its snapshot (another
+        replica's, after a failover), or a fresh one."""
+        strategy = model.strategy(key.strategy)
+        if not start:
+            session = self.sessions.get(key)
+            if session is not None:
+                if parsed.settings_explicit and parsed.settings != session.settings:
+                    raise InvalidArgument(
+                        f"session {key.sequence_id!r} runs {key.strategy} with {session.settings.model_dump_json()}; "
+                        "settings are fixed at sequence_start (start a new sequence to change them)"
+                    )
+                return session, ""
+            payload = self.sessions.read_snapshot(key)
+            if payload is not None:
+                state_cls = type(strategy.init_state(parsed.settings))
+                session = session_from_payload(payload, state_cls, model.device)
+                self.sessions.add(session)
+                log.info("session %s restored from its snapshot at step %d", key, session.steps)
+                return session, "restored"
+        else:
+            self.sessions.delete_snapshot(key)
+        session = Session(
+            key=key,
+            model_version=model.version,
+            settings=parsed.settings,
+            state=strategy.init_state(parsed.settings),
+        )
+        self.sessions.add(session)
+        return session, "started" if start else "created"
+
+    @staticmethod
+    def _collapse_reason(
+        session: Session, logits: torch.Tensor, stats: dict[str, float], settings: SessionSettings
+    ) -> str:
+        if not bool(torch.isfinite(logits).all()):
+            return "non-finite logits"
+        if not all(math.isfinite(v) for v in stats.values()):
+            bad = sorted(k for k, v in stats.items() if not math.isfinite(v))
+            return f"non-finite {', '.join(bad)}"
+        if session.marginal is None or session.steps < settings.collapse_min_steps:
+            return ""
+        entropy = marginal_entropy(session.marginal)
+        if entropy < settings.collapse_min_marginal_entropy:
+            return f"class-marginal entropy {entropy:.3f} < {settings.collapse_min_marginal_entropy}"
+        return ""
+
+    @staticmethod
+    def _update_marginal(session: Session, logits: torch.Tensor, settings: SessionSettings) -> None:
+        batch_marginal = torch.softmax(logits, dim=1).mean(0)
+        if session.marginal is None:
+            session.marginal = batch_marginal
+        else:
+            m = settings.collapse_marginal_momentum
+            session.marginal = m * session.marginal + (1 - m) * batch_marginal
+
+    def _update_session_gauges(self) -> None:
+        self.metrics.active_sessions.set(len(self.sessions))
+        self.metrics.session_state_bytes.set(self.sessions.total_state_bytes())
+
+    # --- metrics --------------------------------------------------------------------------------------------
+
+    def _record_failure(self, model: LoadedModel, strategy: str, start: int, outcome: str) -> None:
+        elapsed = time.perf_counter_ns() - start
+        model.statistics.record_request(ok=False, total_ns=elapsed)
+        labels = (model.name, str(model.version), strategy, outcome)
+        self.metrics.requests.labels(*labels).inc()
+        self.metrics.request_latency.labels(*labels).observe(elapsed / 1e9)
+
+    def _record_success(
+        self, model: LoadedModel, parsed: ParsedRequest, result: RunResult, seconds: float, compute_s: float
+    ) -> None:
+        m = self.metrics
+        base = (model.name, str(model.version), parsed.strategy)
+        m.requests.labels(*base, "ok").inc()
+        m.request_latency.labels(*base, "ok").observe(seconds)
+        m.queue_time.labels(*base).observe(result.queue_ns / 1e9)
+        m.compute_time.labels(*base).observe(compute_s)
+        m.images.labels(*base).inc(len(result.logits))
+        if parsed.strategy != "none":
+            m.adaptation_step_time.labels(*base).observe(compute_s)
+        probabilities = softmax(result.logits.astype(np.float32, copy=True))
+        normaliser = math.log(probabilities.shape[1]) if probabilities.shape[1] > 1 else 1.0
+        entropies = -(probabilities * np.log(np.clip(probabilities, 1e-12, None))).sum(axis=1) / normaliser
+        entropy_hist, max_prob_hist = m.entropy.labels(*base), m.max_probability.labels(*base)
+        for value in entropies:
+            entropy_hist.observe(float(value))
+        for value in probabilities.max(axis=1):
+            max_prob_hist.observe(float(value))
+        if "lambda" in result.stats:
+            m.t3_lambda.labels(*base).observe(result.stats["lambda"])
+
+
+# --- responses -------------------------------------------------------------------------------------------------
+
+
+def softmax(logits: np.ndarray) -> np.ndarray:
+    shifted = logits - logits.max(axis=1, keepdims=True)
+    np.exp(shifted, out=shifted)
+    shifted /= shifted.sum(axis=1, keepdims=True)
+    return shifted
+
+
+def build_response(
+    request: pb.ModelInferRequest, model: LoadedModel, parsed: ParsedRequest, result: RunResult
+) -> pb.ModelInferResponse:
+    logits = np.ascontiguousarray(result.logits, dtype=np.float32)
+    probabilities = softmax(logits.copy())
+    response = pb.ModelInferResponse(model_name=model.name, model_version=str(model.version), id=request.id)
+    need_topk = max([parsed.top_k] + [o.classification for o in parsed.outputs])
+    order = np.argsort(-probabilities, axis=1, kind="stable")[:, :need_topk]
+    for output in parsed.outputs:
+        _add_output(response, output, logits, probabilities, order, parsed.top_k, model.labels)
+    params = response.parameters
+    set_parameter(params["tta_strategy"], parsed.strategy)
+    set_parameter(params["tta_settings"], json.dumps(parsed.settings.model_dump(mode="json"), sort_keys=True))
+    for name, value in result.stats.items():
+        set_parameter(params[f"tta_{name}"], float(value))
+    if result.session_steps is not None:
+        set_parameter(params["tta_session_steps"], int(result.session_steps))
+    if result.session_event:
+        set_parameter(params["tta_session_event"], result.session_event)
+    if result.session_event.startswith("collapse"):
+        set_parameter(params["tta_session_reset"], result.session_event)
+    set_parameter(params["engine"], model.engine.kind if parsed.strategy == "none" else "pytorch")
+    set_parameter(params["device"], model.engine.device)
+    return response
+
+
+def _add_output(
+    response: pb.ModelInferResponse,
+    output: RequestedOutput,
+    logits: np.ndarray,
+    probabilities: np.ndarray,
+    order: np.ndarray,
+    top_k: int,
+    labels: tuple[str, ...],
+) -> None:
+    rows = len(logits)
+    if output.classification:
+        k = output.classification
+        scores = np.take_along_axis(probabilities, order[:, :k], axis=1)
+        values = [
+            f"{scores[r, j]:f}:{order[r, j]}:{labels[order[r, j]]}".encode() for r in range(rows) for j in range(k)
+        ]
+        _append(response, output.name, "BYTES", [rows, k], encode_bytes_elements(values))
+        return
+    if output.name == "logits":
+        _append(response, output.name, "FP32", list(logits.shape), logits.tobytes())
+    elif output.name == "probabilities":
+        _append(response, output.name, "FP32", list(probabilities.shape), probabilities.tobytes())
+    elif output.name == "topk_indices":
+        _append(response, output.name, "INT64", [rows, top_k], order[:, :top_k].astype("<i8").tobytes())
+    elif output.name == "topk_scores":
+        scores = np.ascontiguousarray(np.take_along_axis(probabilities, order[:, :top_k], axis=1), dtype="<f4")
+        _append(response, output.name, "FP32", [rows, top_k], scores.tobytes())
+    else:  # topk_labels
+        values = [labels[i].encode() for i in order[:, :top_k].ravel()]
+        _append(response, output.name, "BYTES", [rows, top_k], encode_bytes_elements(values))
+
+
+def _append(response: pb.ModelInferResponse, name: str, datatype: str, shape: list[int], raw: bytes) -> None:
+    response.outputs.add(name=name, datatype=datatype, shape=shape)
+    response.raw_output_contents.append(raw)

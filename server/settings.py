@@ -1,0 +1,54 @@
+"""The server's settings: one pydantic object from CLI flags, ``TTASERVE_*`` environment variables and an optional
+YAML file, validated at start with clear errors."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class ServerSettings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="TTASERVE_", extra="forbid", frozen=True)
+
+    #: model repository folder; None serves the embedded default model
+    model_repository: Path | None = None
+    #: models to load at start (default: every model in the repository)
+    models: tuple[str, ...] | None = None
+    grpc_host: str = "0.0.0.0"
+    #: 0 picks a free port (tests)
+    grpc_port: int = Field(default=8001, ge=0, le=65535)
+    #: Prometheus metrics over HTTP; None turns the endpoint off, 0 picks a free port
+    metrics_port: int | None = Field(default=8002, ge=0, le=65535)
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    #: gRPC receive/send limit; a batch of 64 RGB 224x224 float32 images is 38.5 MB
+    max_message_mb: int = Field(default=256, gt=0, le=2047)
+    #: threads that run RPCs
+    workers: int = Field(default=16, gt=0, le=1024)
+    #: torch intra-op threads (0 = torch's default)
+    torch_threads: int = Field(default=0, ge=0)
+    #: live sessions kept before the least recently used is evicted
+    max_sessions: int = Field(default=1024, gt=0)
+    #: a session unused this long expires
+    session_idle_timeout_s: float = Field(default=600.0, gt=0)
+    #: where session snapshots are written (None = a 'snapshots' folder in the working directory)
+    snapshot_dir: Path | None = None
+    #: seconds a SIGTERM drain waits for in-flight requests
+    drain_timeout_s: float = Field(default=30.0, ge=0)
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+
+    @classmethod
+    def from_sources(cls, config_file: Path | None = None, **overrides: Any) -> ServerSettings:
+        """File values < environment < explicit overrides (CLI flags); ``None`` overrides are ignored."""
+        file_values: dict[str, Any] = {}
+        if config_file is not None:
+            loaded = yaml.safe_load(config_file.read_text())
+            if not isinstance(loaded, dict):
+                raise ValueError(f"{config_file}: expected a mapping of settings")
+            file_values = loaded
+        explicit = {k: v for k, v in overrides.items() if v is not None}
+        env_values = cls().model_dump(exclude_unset=True)
+        return cls(**{**file_values, **env_values, **explicit})
