@@ -1,0 +1,209 @@
+"""The ``ttaserve`` command: run a server, classify images, list models and strategies, export to ONNX.
+
+The client commands need only the SDK; ``serve`` and ``export-onnx`` import the server package (torch) when they
+run, so ``ttaserve classify`` stays fast and works with the base install. Failures print one line to stderr and
+exit 1 — no tracebacks for a wrong URL or a bad image.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from .client import Client
+from .core import DEFAULT_URL
+from .results import BatchResult
+from .table import format_table
+
+
+def _setting(text: str) -> tuple[str, bool | int | float | str]:
+    """``KEY=VALUE``; VALUE is read as JSON when it is a number or boolean, else kept as a string."""
+    key, sep, raw = text.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
+    try:
+        value = json.loads(raw)
+    except ValueError:
+        value = raw
+    if not isinstance(value, bool | int | float | str):
+        value = raw
+    return key, value
+
+
+def _add_connection(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--url", default=DEFAULT_URL, help=f"server address host:port (default {DEFAULT_URL})")
+    parser.add_argument("--timeout", type=float, default=None, metavar="SECONDS", help="deadline per call")
+    parser.add_argument("--tls", action="store_true", help="connect with TLS")
+    parser.add_argument("--root-certificates", type=Path, default=None, help="PEM file to verify the server with")
+    parser.add_argument("--caller", default=None, help="caller identity (ttaserve-caller metadata)")
+
+
+def _client(args: argparse.Namespace) -> Client:
+    return Client(
+        args.url, timeout_s=args.timeout, tls=args.tls, root_certificates=args.root_certificates, caller=args.caller
+    )
+
+
+def _build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="ttaserve", description="Serve image classifiers with test-time adaptation, and talk to such a server."
+    )
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    serve = commands.add_parser("serve", help="run the gRPC server (needs ttaserve[server])")
+    serve.add_argument("--config", type=Path, default=None, help="YAML settings file")
+    serve.add_argument("--model-repository", type=Path, default=None, help="default: the embedded model")
+    serve.add_argument("--host", default=None, help="address to bind (default 0.0.0.0)")
+    serve.add_argument("--grpc-port", type=int, default=None, help="default 8001; 0 picks a free port")
+    serve.add_argument("--metrics-port", type=int, default=None, help="Prometheus port (default 8002)")
+    serve.add_argument("--no-metrics", action="store_true", help="no Prometheus endpoint")
+    serve.add_argument("--device", choices=("auto", "cpu", "cuda"), default=None)
+    serve.add_argument("--max-message-mb", type=int, default=None)
+
+    classify = commands.add_parser("classify", help="classify image files")
+    _add_connection(classify)
+    classify.add_argument("--model", default=None, help="default: the server's only model")
+    classify.add_argument("--version", default=None)
+    classify.add_argument("--strategy", default="none", help="adaptation strategy (see 'ttaserve strategies')")
+    classify.add_argument("--setting", type=_setting, action="append", default=[], metavar="KEY=VALUE")
+    classify.add_argument("--session", default=None, metavar="ID", help="adapt across the batches of one session")
+    classify.add_argument("--batch-size", type=int, default=0, help="images per request (default: all in one)")
+    classify.add_argument("--top-k", type=int, default=3)
+    classify.add_argument("images", nargs="+", type=Path, metavar="IMAGE")
+
+    models = commands.add_parser("models", help="list the repository's models")
+    _add_connection(models)
+
+    strategies = commands.add_parser("strategies", help="list the adaptation strategies")
+    _add_connection(strategies)
+    strategies.add_argument("--model", default=None, help="only those this model can run")
+
+    export = commands.add_parser("export-onnx", help="export a PyTorch model to ONNX and check parity")
+    export.add_argument("--model-repository", type=Path, default=None, help="default: the embedded model")
+    export.add_argument("--model", default=None, help="default: the repository's only model")
+    export.add_argument("--version", type=int, default=None, help="default: the latest")
+    export.add_argument("--out", type=Path, required=True)
+    export.add_argument("--opset", type=int, default=17)
+    export.add_argument("--sample", type=Path, default=None, help=".npz with 'x' uint8 NHWC: real parity inputs")
+    export.add_argument("--rtol", type=float, default=1e-4, help="largest relative logit difference")
+    return parser
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from ttaserve.server.app import serve
+    from ttaserve.server.settings import ServerSettings
+
+    settings = ServerSettings.from_sources(
+        args.config,
+        model_repository=args.model_repository,
+        grpc_host=args.host,
+        grpc_port=args.grpc_port,
+        metrics_port=args.metrics_port,
+        device=args.device,
+        max_message_mb=args.max_message_mb,
+    )
+    if args.no_metrics:
+        settings = settings.model_copy(update={"metrics_port": None})
+    serve(settings)
+    return 0
+
+
+def _top_k(result: BatchResult, row: int) -> str:
+    return ", ".join(f"{p.label} {p.score:.3f}" for p in result[row].top_k)
+
+
+def _classify(args: argparse.Namespace) -> int:
+    images: list[Path] = args.images
+    size = args.batch_size if args.batch_size > 0 else len(images)
+    batches = [images[i : i + size] for i in range(0, len(images), size)]
+    settings = dict(args.setting)
+    rows: list[list[object]] = []
+    with _client(args) as client:
+        session = None
+        if args.session is not None:
+            session = client.session(args.session, args.model, args.strategy, settings, args.version)
+        try:
+            for batch in batches:
+                if session is not None:
+                    result = session.classify(batch, top_k=args.top_k)
+                else:
+                    result = client.classify(batch, args.model, args.strategy, args.top_k, settings, args.version)
+                for row, path in enumerate(batch):
+                    rows.append([str(path), result[row].label, f"{result[row].score:.3f}", _top_k(result, row)])
+        finally:
+            if session is not None:
+                session.end()
+    print(format_table(["file", "label", "score", f"top-{args.top_k}"], rows))
+    stats = ", ".join(f"{key} {value:.4g}" for key, value in result.stats.items())
+    where = f"{result.model} v{result.version}" if result.version else result.model
+    print(f"\n{where}: strategy {result.strategy or args.strategy} on {result.engine or '?'}/{result.device or '?'}")
+    if stats:
+        print(f"last batch: {stats}")
+    return 0
+
+
+def _models(args: argparse.Namespace) -> int:
+    with _client(args) as client:
+        entries = client.models()
+    rows = [[m.name, m.version, m.state, m.reason] for m in entries]
+    print(format_table(["name", "version", "state", "reason"], rows))
+    return 0
+
+
+def _strategies(args: argparse.Namespace) -> int:
+    with _client(args) as client:
+        strategies = client.list_strategies(args.model)
+    rows = [
+        [
+            s.name,
+            "yes" if s.stateful else "no",
+            "yes" if s.uses_gradients else "no",
+            ",".join(s.requires) or "-",
+            json.dumps(s.defaults, separators=(",", ":")),
+            s.description,
+        ]
+        for s in strategies
+    ]
+    print(format_table(["name", "stateful", "gradients", "requires", "defaults", "description"], rows))
+    return 0
+
+
+def _export_onnx(args: argparse.Namespace) -> int:
+    from ttaserve.server.export_command import run_export
+
+    report = run_export(
+        args.model_repository, args.model, args.version, args.out, sample=args.sample, opset=args.opset, rtol=args.rtol
+    )
+    print(report.summary())
+    return 0 if report.ok else 1
+
+
+_COMMANDS = {
+    "serve": _serve,
+    "classify": _classify,
+    "models": _models,
+    "strategies": _strategies,
+    "export-onnx": _export_onnx,
+}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _build_parser().parse_args(argv)
+    try:
+        return _COMMANDS[args.command](args)
+    except KeyboardInterrupt:
+        return 130
+    except ImportError as exc:
+        hint = "the server commands need 'pip install ttaserve[server]'"
+        print(f"ttaserve {args.command}: {exc} ({hint})", file=sys.stderr)
+        return 1
+    except Exception as exc:  # the CLI's contract: one line, no traceback
+        print(f"ttaserve {args.command}: error: {' '.join(str(exc).split())}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
