@@ -146,10 +146,10 @@ def build_engine_and_module(
         engine: Engine = TorchEngine(module, device)
         if config.onnx_source_path:
             from .engines.onnx_engine import OnnxEngine
-            from .onnx_export import export_onnx_bytes
+            from .onnx_export import export_for_serving
 
             input_shape = (config.input.channels, config.input.height, config.input.width)
-            engine = OnnxEngine(export_onnx_bytes(module, input_shape), device=str(device))
+            engine = OnnxEngine(export_for_serving(module, input_shape), device=str(device))
         return engine, module.to(device)
     if config.platform is Platform.TORCHSCRIPT:
         scripted = torch.jit.load(str(weights), map_location="cpu")

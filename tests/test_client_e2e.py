@@ -1,0 +1,227 @@
+"""The SDK and the CLI against a real server on loopback (port 0), with one small grey-image model so that
+``model=None`` resolves: every input kind, top-k, models, strategies, sessions, deadlines, errors, asyncio."""
+
+from __future__ import annotations
+
+import asyncio
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from PIL import Image
+
+from ttaserve.client import AsyncClient, Client, DeadlineExceeded, InvalidArgument, NotFound, TtaserveError
+from ttaserve.server.app import ServerHandle, start_server
+from ttaserve.server.architectures import build_architecture
+from ttaserve.server.settings import ServerSettings
+
+LABELS = [f"class-{i}" for i in range(10)]
+MODEL = "garments"
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerHandle]:
+    repo = tmp_path_factory.mktemp("client_repo")
+    (repo / MODEL / "1").mkdir(parents=True)
+    config = {
+        "platform": "pytorch",
+        "architecture": "small_resnet",
+        "input": {"height": 28, "width": 28, "channels": 1},
+        "preprocessing": {"mean": [0.5], "std": [0.25]},
+        "labels": LABELS,
+    }
+    (repo / MODEL / "config.yaml").write_text(yaml.safe_dump(config))
+    torch.manual_seed(0)
+    torch.save(build_architecture("small_resnet").state_dict(), repo / MODEL / "1" / "model.pt")
+    handle = start_server(
+        ServerSettings(
+            model_repository=repo,
+            grpc_host="127.0.0.1",
+            grpc_port=0,
+            metrics_port=None,
+            snapshot_dir=tmp_path_factory.mktemp("client_snapshots"),
+            log_level="WARNING",
+        )
+    )
+    yield handle
+    handle.stop()
+
+
+@pytest.fixture(scope="module")
+def url(server: ServerHandle) -> str:
+    return f"127.0.0.1:{server.grpc_port}"
+
+
+@pytest.fixture(scope="module")
+def client(url: str) -> Iterator[Client]:
+    with Client(url, timeout_s=30, caller="tester") as c:
+        yield c
+
+
+@pytest.fixture(scope="module")
+def images() -> np.ndarray:
+    return np.random.default_rng(0).integers(0, 256, (4, 28, 28), dtype=np.uint8)
+
+
+@pytest.fixture(scope="module")
+def png_files(images: np.ndarray, tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
+    folder = tmp_path_factory.mktemp("pngs")
+    paths = []
+    for i, image in enumerate(images):
+        path = folder / f"img{i}.png"
+        Image.fromarray(image).save(path)
+        paths.append(path)
+    return paths
+
+
+def test_server_and_model_queries(client: Client) -> None:
+    assert client.live() and client.ready()
+    (entry,) = client.models()
+    assert (entry.name, entry.version, entry.state) == (MODEL, "1", "READY")
+    metadata = client.metadata()
+    assert metadata.name == MODEL and metadata.inputs[0].shape == (-1, 28, 28, 1)
+    assert "logits" in {t.name for t in metadata.outputs}
+
+
+def test_every_input_kind_gives_the_same_logits(client: Client, images: np.ndarray, png_files: list[Path]) -> None:
+    reference = client.classify(images[..., None])
+    assert [c.label for c in reference] == [LABELS[c.index] for c in reference]
+    expected = np.stack([c.logits for c in reference])
+
+    def logits(result: list) -> np.ndarray:
+        return np.stack([c.logits for c in result])
+
+    variants = {
+        "float32 NHWC": client.classify(images[..., None].astype(np.float32) / 255.0),
+        "list of (H, W) arrays": client.classify(list(images)),
+        "PIL images": client.classify([Image.fromarray(image) for image in images]),
+        "paths": client.classify([str(p) for p in png_files]),
+        "Paths": client.classify(png_files),
+        "encoded bytes": client.classify([p.read_bytes() for p in png_files]),
+    }
+    for name, result in variants.items():
+        np.testing.assert_allclose(logits(result), expected, rtol=1e-5, atol=1e-5, err_msg=name)
+    single = client.classify(Image.fromarray(images[1]))
+    assert len(single) == 1
+    np.testing.assert_allclose(single[0].logits, expected[1], rtol=1e-5, atol=1e-5)
+
+
+def test_top_k(client: Client, images: np.ndarray) -> None:
+    (result,) = client.classify(images[0], top_k=3)
+    assert len(result.top_k) == 3
+    scores = [p.score for p in result.top_k]
+    assert scores == sorted(scores, reverse=True)
+    assert result.top_k[0].index == int(np.argmax(result.logits))
+    assert all(p.label == LABELS[p.index] for p in result.top_k)
+    assert result.probabilities.sum() == pytest.approx(1.0, rel=1e-5)
+    (capped,) = client.classify(images[0], top_k=100)
+    assert len(capped.top_k) == len(LABELS)
+
+
+def test_batch_result_reports_what_ran(client: Client, images: np.ndarray) -> None:
+    result = client.classify(images, strategy="tbn")
+    assert (result.model, result.version, result.strategy) == (MODEL, "1", "tbn")
+    assert result.engine == "pytorch" and result.device == "cpu"
+    assert result.session_steps is None
+
+
+def test_strategies(client: Client) -> None:
+    strategies = {s.name: s for s in client.list_strategies()}
+    assert {"none", "tent"} <= set(strategies)
+    assert strategies["tent"].stateful and strategies["tent"].uses_gradients
+    assert "lr" in strategies["tent"].defaults
+    assert {s.name for s in client.list_strategies(MODEL)} <= set(strategies)
+
+
+def test_session_lifecycle(client: Client, images: np.ndarray) -> None:
+    batch = images[..., None]
+    with client.session("cam-1", strategy="tent", settings={"lr": 1e-3}) as session:
+        steps = [session.classify(batch).session_steps for _ in range(3)]
+        assert steps == [1, 2, 3]
+        info = session.info()
+        assert (info.caller, info.model, info.strategy, info.sequence_id) == ("tester", MODEL, "tent", "cam-1")
+        assert info.steps == 3 and info.settings["lr"] == pytest.approx(1e-3)
+        snapshot = session.snapshot(return_data=True)
+        assert snapshot.byte_size > 0 and snapshot.data
+        assert session.reset().steps == 0
+        assert session.classify(batch).session_steps == 1
+        assert [s.sequence_id for s in client.sessions()] == ["cam-1"]
+    assert client.sessions() == []
+    with client.session("cam-1", strategy="tent") as again:
+        assert again.classify(batch).session_steps == 1, "sequence_start must give a reused id a fresh state"
+        again.classify(batch, end=True)
+        assert client.sessions() == []
+
+
+def test_errors_are_typed(client: Client, images: np.ndarray) -> None:
+    with pytest.raises(NotFound):
+        client.classify(images[0], model="no-such-model")
+    with pytest.raises(InvalidArgument, match="bogus"):
+        client.classify(images[0], strategy="bogus")
+    with pytest.raises(InvalidArgument, match="shape"):
+        client.classify(np.zeros((27, 28), np.uint8))
+    with pytest.raises(NotFound):
+        client.session("never-used", strategy="tent").info()
+
+
+def test_tiny_deadline_is_deadline_exceeded(client: Client, images: np.ndarray) -> None:
+    client.metadata()  # warm the caches so the deadline hits ModelInfer itself
+    with pytest.raises(DeadlineExceeded) as caught:
+        client.classify(np.repeat(images[..., None], 64, axis=0), timeout_s=1e-4)
+    assert isinstance(caught.value, TtaserveError) and caught.value.code == "DEADLINE_EXCEEDED"
+
+
+def _cli(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "ttaserve.client.cli", *args], capture_output=True, text=True, timeout=120
+    )
+
+
+def test_cli_classify_models_strategies(url: str, png_files: list[Path]) -> None:
+    done = _cli("classify", "--url", url, "--top-k", "2", *map(str, png_files[:2]))
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.splitlines()
+    assert lines[0].split() == ["file", "label", "score", "top-2"]
+    assert str(png_files[0]) in lines[2] and "class-" in lines[2]
+    files = [str(p) for p in png_files[:2]]
+    session = _cli("classify", "--url", url, "--strategy", "tent", "--session", "cli", "--batch-size", "1", *files)
+    assert session.returncode == 0, session.stderr
+    assert "strategy tent" in session.stdout and "entropy" in session.stdout
+    models = _cli("models", "--url", url)
+    assert models.returncode == 0 and MODEL in models.stdout and "READY" in models.stdout
+    strategies = _cli("strategies", "--url", url)
+    assert strategies.returncode == 0 and "tent" in strategies.stdout
+
+
+def test_cli_errors_are_one_line(url: str, png_files: list[Path]) -> None:
+    done = _cli("classify", "--url", url, "--model", "nope", str(png_files[0]))
+    assert done.returncode == 1
+    assert done.stderr.count("\n") == 1 and "NOT_FOUND" in done.stderr and "Traceback" not in done.stderr
+
+
+def test_async_client(url: str, images: np.ndarray) -> None:
+    async def run() -> None:
+        async with AsyncClient(url, caller="async") as client:
+            assert await client.live()
+            assert (await client.models())[0].name == MODEL
+            result = await client.classify(images[..., None], top_k=2)
+            assert len(result) == 4 and len(result[0].top_k) == 2
+            assert "tent" in {s.name for s in await client.list_strategies()}
+            concurrent = await asyncio.gather(*(client.classify(image) for image in images))
+            np.testing.assert_allclose(
+                np.stack([r[0].logits for r in concurrent]), np.stack([c.logits for c in result]), rtol=1e-5, atol=1e-5
+            )
+            async with client.session("a-1", strategy="tent") as session:
+                assert (await session.classify(images[..., None])).session_steps == 1
+                assert (await session.classify(images[..., None])).session_steps == 2
+                assert (await session.info()).caller == "async"
+            assert await client.sessions() == []
+            with pytest.raises(DeadlineExceeded):
+                await client.classify(np.repeat(images[..., None], 64, axis=0), timeout_s=1e-4)
+
+    asyncio.run(run())
