@@ -1,0 +1,211 @@
+"""Serving overhead: strategy ``none`` over gRPC (the real ``tritonclient``) against the same ONNX model's in-process
+ONNX Runtime forward, measured in the same run.
+
+The server runs in its own process (as in production: the client's Python never shares the server's GIL). Rounds
+alternate between the in-process baseline and each served scenario; the reported ratio is the median over rounds
+of served images/s divided by in-process images/s at the same batch size. Clients send UINT8 NHWC pixels (what a
+camera sends); the server decodes and normalises them, the baseline gets already-normalised float32 (the model's
+cost alone), so the ratio charges the server for all of its work.
+
+    python benchmarks/bench_serving.py [--rounds 5] [--seconds 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+import torch
+import tritonclient.grpc as tc
+import yaml
+
+from ttaserve.server.architectures import build_architecture, load_state_dict
+from ttaserve.server.onnx_export import export_onnx_bytes
+
+ROOT = Path(__file__).resolve().parents[1]
+RESNET20 = ROOT.parent / "shared" / "models" / "cifar10" / "resnet20-12fca82f.th"
+MEAN = np.array([0.485, 0.456, 0.406], np.float32).reshape(1, 3, 1, 1)
+STD = np.array([0.229, 0.224, 0.225], np.float32).reshape(1, 3, 1, 1)
+
+
+@dataclass
+class Measurement:
+    images_per_s: float
+    latencies_ms: list[float]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def make_repository(root: Path, onnx_bytes: bytes) -> None:
+    model_dir = root / "resnet20"
+    (model_dir / "1").mkdir(parents=True)
+    (model_dir / "1" / "model.onnx").write_bytes(onnx_bytes)
+    config = {
+        "platform": "onnx",
+        "input": {"height": 32, "width": 32, "channels": 3, "layout": "NHWC"},
+        "preprocessing": {"mean": MEAN.ravel().tolist(), "std": STD.ravel().tolist()},
+        "max_batch_size": 256,
+        "dynamic_batching": {"enabled": True, "max_batch_size": 64, "max_queue_delay_us": 0},
+    }
+    (model_dir / "config.yaml").write_text(yaml.safe_dump(config))
+
+
+def start_server(repo: Path, port: int) -> subprocess.Popen:
+    command = [
+        sys.executable,
+        "-m",
+        "ttaserve.client.cli",
+        "serve",
+        "--model-repository",
+        str(repo),
+        "--grpc-port",
+        str(port),
+        "--host",
+        "127.0.0.1",
+        "--device",
+        "cpu",
+        "--metrics-port",
+        str(free_port()),
+    ]
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    client = tc.InferenceServerClient(f"127.0.0.1:{port}")
+    deadline = time.time() + 60
+    while time.time() < deadline:
+        try:
+            if client.is_model_ready("resnet20"):
+                return process
+        except Exception:
+            time.sleep(0.2)
+    process.kill()
+    raise RuntimeError(f"server did not start: {process.stderr.read().decode() if process.stderr else ''}")
+
+
+def run_in_process(session: ort.InferenceSession, batch: np.ndarray, seconds: float) -> Measurement:
+    x = ((batch.transpose(0, 3, 1, 2).astype(np.float32) / 255.0 - MEAN) / STD).astype(np.float32)
+    x = np.ascontiguousarray(x)
+    name = session.get_inputs()[0].name
+    latencies = []
+    end = time.perf_counter() + seconds
+    while time.perf_counter() < end:
+        t0 = time.perf_counter()
+        session.run(None, {name: x})
+        latencies.append((time.perf_counter() - t0) * 1000)
+    total_s = sum(latencies) / 1000
+    return Measurement(len(latencies) * len(batch) / total_s, latencies)
+
+
+def run_served(url: str, batch: np.ndarray, clients: int, seconds: float) -> Measurement:
+    latencies: list[list[float]] = [[] for _ in range(clients)]
+    barrier = threading.Barrier(clients + 1)
+    stop_at = [0.0]
+
+    def worker(index: int) -> None:
+        client = tc.InferenceServerClient(url)
+        tensor = tc.InferInput("input", list(batch.shape), "UINT8")
+        tensor.set_data_from_numpy(batch)
+        outputs = [tc.InferRequestedOutput("logits")]
+        client.infer("resnet20", [tensor], outputs=outputs)  # warm the channel
+        barrier.wait()
+        while time.perf_counter() < stop_at[0]:
+            t0 = time.perf_counter()
+            client.infer("resnet20", [tensor], outputs=outputs)
+            latencies[index].append((time.perf_counter() - t0) * 1000)
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(clients)]
+    for t in threads:
+        t.start()
+    stop_at[0] = time.perf_counter() + seconds + 0.05
+    barrier.wait()
+    start = time.perf_counter()
+    for t in threads:
+        t.join()
+    elapsed = time.perf_counter() - start
+    flat = [x for per_client in latencies for x in per_client]
+    return Measurement(len(flat) * len(batch) / elapsed, flat)
+
+
+def percentile(values: list[float], q: float) -> float:
+    return float(np.percentile(np.asarray(values), q))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--seconds", type=float, default=2.0)
+    args = parser.parse_args()
+
+    model = build_architecture("cifar_resnet20")
+    weights = "random (../shared missing)"
+    if RESNET20.is_file():
+        model.load_state_dict(load_state_dict(RESNET20))
+        weights = str(RESNET20.name)
+    onnx_bytes = export_onnx_bytes(model.eval(), (3, 32, 32))
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    session = ort.InferenceSession(onnx_bytes, options, providers=["CPUExecutionProvider"])
+
+    rng = np.random.default_rng(0)
+    scenarios = [(1, 1), (1, 4), (64, 1), (64, 4)]
+    batches = {b: rng.integers(0, 256, (b, 32, 32, 3), dtype=np.uint8) for b in (1, 64)}
+    ratios: dict[tuple[int, int], list[float]] = {s: [] for s in scenarios}
+    served: dict[tuple[int, int], list[Measurement]] = {s: [] for s in scenarios}
+    baseline: dict[int, list[Measurement]] = {1: [], 64: []}
+
+    with tempfile.TemporaryDirectory() as tmp:
+        make_repository(Path(tmp), onnx_bytes)
+        port = free_port()
+        process = start_server(Path(tmp), port)
+        url = f"127.0.0.1:{port}"
+        try:
+            for _ in range(args.rounds):
+                for batch_size, clients in scenarios:
+                    reference = run_in_process(session, batches[batch_size], args.seconds)
+                    measured = run_served(url, batches[batch_size], clients, args.seconds)
+                    baseline[batch_size].append(reference)
+                    served[(batch_size, clients)].append(measured)
+                    ratios[(batch_size, clients)].append(measured.images_per_s / reference.images_per_s)
+        finally:
+            process.terminate()
+            process.wait(timeout=30)
+
+    print(
+        f"ResNet-20 ({weights}), ONNX Runtime {ort.__version__} CPU, {os.cpu_count()} cores, "
+        f"{args.rounds} interleaved rounds of {args.seconds:.1f} s"
+    )
+    print(
+        "| batch | clients | served img/s | in-process img/s | ratio (median) | served p50 ms | served p99 ms "
+        "| in-process p50 ms | added p50 ms |"
+    )
+    print("|---|---|---|---|---|---|---|---|---|")
+    for batch_size, clients in scenarios:
+        runs = served[(batch_size, clients)]
+        refs = baseline[batch_size]
+        lat = [x for m in runs for x in m.latencies_ms]
+        ref_lat = [x for m in refs for x in m.latencies_ms]
+        p50, ref_p50 = percentile(lat, 50), percentile(ref_lat, 50)
+        print(
+            f"| {batch_size} | {clients} | {statistics.median(m.images_per_s for m in runs):.0f} "
+            f"| {statistics.median(m.images_per_s for m in refs):.0f} "
+            f"| {statistics.median(ratios[(batch_size, clients)]):.2f} | {p50:.3f} | {percentile(lat, 99):.3f} "
+            f"| {ref_p50:.3f} | {p50 - ref_p50:+.3f} |"
+        )
+
+
+if __name__ == "__main__":
+    torch.set_num_threads(1)
+    main()
