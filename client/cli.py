@@ -153,6 +153,11 @@ def _models(args: argparse.Namespace) -> int:
     return 0
 
 
+def _shorten(text: str, width: int = 60) -> str:
+    """Keep a table readable; the full schema is in ``Client.list_strategies``."""
+    return text if len(text) <= width else text[: width - 1] + "…"
+
+
 def _strategies(args: argparse.Namespace) -> int:
     with _client(args) as client:
         strategies = client.list_strategies(args.model)
@@ -162,7 +167,7 @@ def _strategies(args: argparse.Namespace) -> int:
             "yes" if s.stateful else "no",
             "yes" if s.uses_gradients else "no",
             ",".join(s.requires) or "-",
-            json.dumps(s.defaults, separators=(",", ":")),
+            _shorten(json.dumps(s.defaults, separators=(",", ":"))),
             s.description,
         ]
         for s in strategies

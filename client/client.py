@@ -133,7 +133,7 @@ class Client:
         request = codec.build_infer_request(
             model,
             target,
-            codec.encode_images(images, target.layout),
+            codec.encode_images(images, target),
             version=version,
             strategy=strategy,
             top_k=top_k,

@@ -74,10 +74,12 @@ class EncodedInput:
 
 @dataclass(frozen=True)
 class InputTarget:
-    """Where a model wants its images: the input's name and, for raw tensors, the layout."""
+    """Where a model wants its images: the input's name, the layout of raw tensors and, for a one-channel model,
+    its (H, W), which tells a batch of grey (N, H, W) images from one (H, W, C) image."""
 
-    name: str
-    layout: str  # "NHWC" or "NCHW"
+    name: str = "input"
+    layout: str = "NHWC"  # or "NCHW"
+    grey_size: tuple[int, int] | None = None
 
 
 @dataclass(frozen=True)
@@ -90,27 +92,29 @@ class SequenceFlags:
 # --- images -> input tensor -------------------------------------------------------------------------------------
 
 
-def _as_batch_array(array: np.ndarray) -> np.ndarray:
-    """(H, W) and (H, W, C) are one image; (N, H, W, C) is a batch."""
+def _as_batch_array(array: np.ndarray, grey_size: tuple[int, int] | None = None) -> np.ndarray:
+    """(H, W) and (H, W, C) are one image; (N, H, W, C) is a batch, and so is (N, H, W) for a grey model."""
     if array.ndim == 2:
         return array[None, :, :, None]
     if array.ndim == 3:
+        if grey_size is not None and array.shape[1:] == grey_size:
+            return array[..., None]
         return array[None]
     if array.ndim == 4:
         return array
     raise InvalidArgument(f"image array has shape {array.shape}; expected (H, W), (H, W, C) or (N, H, W, C)")
 
 
-def encode_array(array: np.ndarray, layout: str = "NHWC") -> EncodedInput:
+def encode_array(array: np.ndarray, target: InputTarget = InputTarget()) -> EncodedInput:
     """Pixels as a raw tensor: uint8 stays UINT8 (0-255), floats become FP32 (expected in [0, 1])."""
-    batch = _as_batch_array(array)
+    batch = _as_batch_array(array, target.grey_size)
     if batch.dtype == np.uint8:
         datatype, dtype = "UINT8", np.dtype(np.uint8)
     elif np.issubdtype(batch.dtype, np.floating):
         datatype, dtype = "FP32", np.dtype("<f4")
     else:
         raise InvalidArgument(f"image array has dtype {batch.dtype}; send uint8 (0-255) or float32 (0-1) pixels")
-    if layout == "NCHW":
+    if target.layout == "NCHW":
         batch = batch.transpose(0, 3, 1, 2)
     batch = np.ascontiguousarray(batch, dtype=dtype)
     return EncodedInput(datatype, tuple(batch.shape), batch.tobytes())
@@ -156,10 +160,10 @@ def unpack_bytes(buffer: bytes) -> list[bytes]:
     return elements
 
 
-def encode_images(images: Images, layout: str = "NHWC") -> EncodedInput:
+def encode_images(images: Images, target: InputTarget = InputTarget()) -> EncodedInput:
     """Turn any accepted image input into one tensor (see ``Images``)."""
     if isinstance(images, np.ndarray):
-        return encode_array(images, layout)
+        return encode_array(images, target)
     if isinstance(images, Sequence) and not isinstance(images, str | bytes | bytearray):
         if len(images) == 0:
             raise InvalidArgument("no images to classify")
@@ -168,7 +172,8 @@ def encode_images(images: Images, layout: str = "NHWC") -> EncodedInput:
             shapes = {image.shape for image in images}  # type: ignore[union-attr]
             if len(shapes) != 1:
                 raise InvalidArgument(f"image arrays differ in shape {sorted(shapes)}; resize them or send files")
-            return encode_array(np.stack([_as_batch_array(image)[0] for image in images]), layout)  # type: ignore[arg-type]
+            singles = [_as_batch_array(image)[0] for image in images]  # type: ignore[arg-type]
+            return encode_array(np.stack(singles), target)
         if any(arrays):
             raise InvalidArgument("a batch mixes numpy arrays with encoded images; send one kind per request")
         elements = [encode_image_bytes(image) for image in images]
@@ -375,14 +380,18 @@ def parse_metadata(response: pb.ModelMetadataResponse) -> ModelMetadata:
 
 
 def input_target(metadata: ModelMetadata) -> InputTarget:
-    """Name and layout of the image input. The SDK takes NHWC arrays and transposes for a model declared
+    """Name, layout and grey size of the image input. The SDK takes NHWC arrays and transposes for a model declared
     (N, C, H, W), recognised by a channel count (1 or 3) in position 1 and not in position 3."""
     if not metadata.inputs:
         raise InvalidArgument(f"model {metadata.name!r} declares no input")
     tensor = metadata.inputs[0]
     shape = tensor.shape
-    channels_first = len(shape) == 4 and shape[1] in (1, 3) and shape[3] not in (1, 3)
-    return InputTarget(tensor.name, "NCHW" if channels_first else "NHWC")
+    if len(shape) != 4:
+        return InputTarget(tensor.name)
+    channels_first = shape[1] in (1, 3) and shape[3] not in (1, 3)
+    channels, height, width = (shape[1], shape[2], shape[3]) if channels_first else (shape[3], shape[1], shape[2])
+    grey_size = (height, width) if channels == 1 and height > 0 and width > 0 else None
+    return InputTarget(tensor.name, "NCHW" if channels_first else "NHWC", grey_size)
 
 
 def parse_strategies(response: apb.ListStrategiesResponse) -> list[Strategy]:

@@ -56,7 +56,7 @@ def test_float_batch_becomes_little_endian_fp32() -> None:
 
 def test_nchw_model_gets_transposed_pixels() -> None:
     batch = np.arange(2 * 4 * 5 * 3, dtype=np.uint8).reshape(2, 4, 5, 3)
-    encoded = codec.encode_images(batch, layout="NCHW")
+    encoded = codec.encode_images(batch, codec.InputTarget("input", "NCHW"))
     assert encoded.shape == (2, 3, 4, 5)
     np.testing.assert_array_equal(np.frombuffer(encoded.raw, np.uint8).reshape(2, 3, 4, 5), batch.transpose(0, 3, 1, 2))
 
@@ -262,11 +262,25 @@ def test_model_selection() -> None:
 
 
 @pytest.mark.parametrize(
-    ("shape", "layout"), [((-1, 28, 28, 1), "NHWC"), ((-1, 3, 32, 32), "NCHW"), ((-1, 32, 32, 3), "NHWC")]
+    ("shape", "target"),
+    [
+        ((-1, 28, 28, 1), codec.InputTarget("pixels", "NHWC", (28, 28))),
+        ((-1, 1, 28, 28), codec.InputTarget("pixels", "NCHW", (28, 28))),
+        ((-1, 3, 32, 32), codec.InputTarget("pixels", "NCHW")),
+        ((-1, 32, 32, 3), codec.InputTarget("pixels", "NHWC")),
+        ((-1,), codec.InputTarget("pixels")),
+    ],
 )
-def test_input_layout_from_metadata(shape: tuple[int, ...], layout: str) -> None:
+def test_input_target_from_metadata(shape: tuple[int, ...], target: codec.InputTarget) -> None:
     metadata = ModelMetadata("m", ("1",), "pytorch", (TensorInfo("pixels", "FP32", shape),), ())
-    assert codec.input_target(metadata) == codec.InputTarget("pixels", layout)
+    assert codec.input_target(metadata) == target
+
+
+def test_grey_batch_without_channel_axis_for_a_grey_model() -> None:
+    grey = codec.InputTarget("input", "NHWC", (28, 28))
+    assert codec.encode_images(np.zeros((5, 28, 28), np.uint8), grey).shape == (5, 28, 28, 1)
+    assert codec.encode_images(np.zeros((28, 28, 1), np.uint8), grey).shape == (1, 28, 28, 1)
+    assert codec.encode_images(np.zeros((5, 28, 28), np.uint8)).shape == (1, 5, 28, 28), "unknown model: one image"
 
 
 # --- errors, CLI helpers, import hygiene ---

@@ -8,6 +8,7 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 import torch
+
 from ttaserve.server.architectures import build_architecture, load_model
 from ttaserve.server.engines.onnx_engine import CPU_PROVIDER, CUDA_PROVIDER, OnnxEngine, OnnxLoadError
 from ttaserve.server.engines.torch_engine import TorchEngine
@@ -135,3 +136,25 @@ def test_pretrained_resnet20_parity_on_cifar() -> None:
     for batch in (1, 64):
         x = _cifar_batch(batch)
         np.testing.assert_allclose(onnx_engine.infer(x), torch_engine.infer(x), rtol=1e-4, atol=1e-4)
+
+
+def test_export_onnx_cli(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from ttaserve.client.cli import main
+
+    model_dir = tmp_path / "repo" / "cifar"
+    (model_dir / "3").mkdir(parents=True)
+    (model_dir / "config.yaml").write_text(
+        "platform: pytorch\narchitecture: cifar_resnet20\ninput: {height: 32, width: 32}\n"
+        "preprocessing: {mean: [0.5, 0.5, 0.5], std: [0.25, 0.25, 0.25]}\n"
+    )
+    torch.save(_random_resnet20().state_dict(), model_dir / "3" / "model.pt")
+    sample = tmp_path / "sample.npz"
+    np.savez(sample, x=np.random.default_rng(0).integers(0, 256, (20, 32, 32, 3), dtype=np.uint8))
+    out = tmp_path / "cifar.onnx"
+    argv = ["export-onnx", "--model-repository", str(tmp_path / "repo"), "--out", str(out), "--sample", str(sample)]
+    assert main(argv) == 0
+    printed = capsys.readouterr().out
+    assert "sample" in printed and "parity: OK" in printed and out.is_file()
+    assert main([*argv[:-2], "--model", "missing"]) == 1
+    error = capsys.readouterr().err
+    assert error.count("\n") == 1 and "no such model" in error
