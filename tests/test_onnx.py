@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -74,9 +75,25 @@ def test_engine_converts_non_contiguous_input(random_export: tuple[torch.nn.Modu
 
 
 @pytest.mark.skipif(CUDA_PROVIDER in ort.get_available_providers(), reason="this ORT build has CUDA")
-def test_cuda_requested_without_cuda_is_an_error(random_export: tuple[torch.nn.Module, Path]) -> None:
-    with pytest.raises(OnnxLoadError, match="device 'cuda' requested"):
-        OnnxEngine(random_export[1], device="cuda")
+@pytest.mark.parametrize("device", ["cuda", "cuda:0"])
+def test_cuda_requested_without_cuda_is_an_error(random_export: tuple[torch.nn.Module, Path], device: str) -> None:
+    with pytest.raises(OnnxLoadError, match=f"device '{device}' requested"):
+        OnnxEngine(random_export[1], device=device)
+
+
+@pytest.mark.parametrize("device", ["gpu", "cpu:1", "cuda:x"])
+def test_unknown_device_is_rejected(random_export: tuple[torch.nn.Module, Path], device: str) -> None:
+    with pytest.raises(ValueError, match="device must be"):
+        OnnxEngine(random_export[1], device=device)
+
+
+def test_concurrent_inference_shares_one_session(random_export: tuple[torch.nn.Module, Path]) -> None:
+    engine = OnnxEngine(random_export[1], device="cpu", intra_op_threads=1)
+    batches = [np.random.default_rng(i).standard_normal((8, 3, 32, 32), dtype=np.float32) for i in range(16)]
+    expected = [engine.infer(x) for x in batches]
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        for got, want in zip(pool.map(engine.infer, batches), expected, strict=True):
+            np.testing.assert_array_equal(got, want)
 
 
 def test_engine_loads_from_bytes() -> None:

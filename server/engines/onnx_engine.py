@@ -25,18 +25,28 @@ class OnnxLoadError(RuntimeError):
     """The model file or bytes are not a loadable ONNX classifier; the message says which and why."""
 
 
-def requested_providers(device: str) -> list[str]:
+ProviderList = list[str | tuple[str, dict[str, str]]]
+
+
+def _parse_device(device: str) -> tuple[str, int]:
+    """``auto`` / ``cpu`` / ``cuda`` / ``cuda:N`` (as ``str(torch.device)`` writes it) -> (kind, GPU index)."""
+    kind, _, index = device.partition(":")
+    if kind not in ("auto", "cpu", "cuda") or (index and (kind != "cuda" or not index.isdigit())):
+        raise ValueError(f"device must be 'auto', 'cpu', 'cuda' or 'cuda:N', not {device!r}")
+    return kind, int(index or 0)
+
+
+def requested_providers(device: str) -> ProviderList:
     """``auto`` asks for CUDA when this ORT build has it; ``cuda`` without it is an error, not a silent fallback."""
-    if device not in ("auto", "cpu", "cuda"):
-        raise ValueError(f"device must be 'auto', 'cpu' or 'cuda', not {device!r}")
+    kind, index = _parse_device(device)
     built_with_cuda = CUDA_PROVIDER in ort.get_available_providers()
-    if device == "cuda" and not built_with_cuda:
+    if kind == "cuda" and not built_with_cuda:
         raise OnnxLoadError(
-            f"device 'cuda' requested but this ONNX Runtime build has no {CUDA_PROVIDER} "
+            f"device {device!r} requested but this ONNX Runtime build has no {CUDA_PROVIDER} "
             f"(available: {ort.get_available_providers()}; install onnxruntime-gpu)"
         )
-    if device != "cpu" and built_with_cuda:
-        return [CUDA_PROVIDER, CPU_PROVIDER]
+    if kind != "cpu" and built_with_cuda:
+        return [(CUDA_PROVIDER, {"device_id": str(index)}), CPU_PROVIDER]
     return [CPU_PROVIDER]
 
 
@@ -77,12 +87,12 @@ class OnnxEngine(Engine):
         self.input_shape = tuple(inputs[0].shape)
         self.output_names = [self.session.get_outputs()[0].name]
 
-    def _check_provider(self, device: str, wanted: list[str], source: str) -> None:
-        if CUDA_PROVIDER not in wanted or CUDA_PROVIDER in self.providers:
+    def _check_provider(self, device: str, wanted: ProviderList, source: str) -> None:
+        if wanted[0] == CPU_PROVIDER or CUDA_PROVIDER in self.providers:
             return
-        if device == "cuda":
+        if device.startswith("cuda"):
             raise OnnxLoadError(
-                f"{source}: device 'cuda' requested but ONNX Runtime loaded only {list(self.providers)} "
+                f"{source}: device {device!r} requested but ONNX Runtime loaded only {list(self.providers)} "
                 f"(check that the CUDA and cuDNN libraries onnxruntime-gpu needs are installed)"
             )
         log.warning("%s: CUDAExecutionProvider requested but unavailable; running on %s", source, self.providers)
