@@ -149,14 +149,20 @@ def build_engine_and_module(
             from .onnx_export import export_for_serving
 
             input_shape = (config.input.channels, config.input.height, config.input.width)
-            engine = OnnxEngine(export_for_serving(module, input_shape), device=str(device))
+            engine = OnnxEngine(export_for_serving(module, input_shape), device=onnx_device(device))
         return engine, module.to(device)
     if config.platform is Platform.TORCHSCRIPT:
         scripted = torch.jit.load(str(weights), map_location="cpu")
         return TorchEngine(scripted, device), None
     from .engines.onnx_engine import OnnxEngine
 
-    return OnnxEngine(weights, device=str(device)), None
+    return OnnxEngine(weights, device=onnx_device(device)), None
+
+
+def onnx_device(device: torch.device) -> str:
+    """ONNX Runtime follows torch's choice, but a CUDA machine whose ONNX Runtime lacks the CUDA provider falls back
+    to the CPU with a warning (``auto``) instead of refusing to load."""
+    return "auto" if device.type == "cuda" else "cpu"
 
 
 def load_version(model_dir: Path, config: ModelConfig, version: int, device: torch.device) -> LoadedModel:
