@@ -3,6 +3,9 @@ session or request id. Each server owns its own registry, so several servers can
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Any
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info, start_http_server
 
 _LATENCY_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0)
@@ -10,9 +13,26 @@ _BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
 _UNIT_BUCKETS = tuple(i / 20 for i in range(1, 21))
 
 
+@dataclass(frozen=True)
+class RequestSeries:
+    """The labelled children one (model, version, strategy) touches on every successful request, resolved once:
+    ``labels()`` costs a dictionary lookup and a lock per call, too much to repeat eight times per request."""
+
+    requests_ok: Any
+    latency_ok: Any
+    queue: Any
+    compute: Any
+    images: Any
+    adaptation_step: Any
+    entropy: Any
+    max_probability: Any
+    t3_lambda: Any
+
+
 class Metrics:
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         self.registry = registry or CollectorRegistry()
+        self._series: dict[tuple[str, str, str], RequestSeries] = {}
         r = self.registry
         model_labels = ("model", "version", "strategy")
         self.requests = Counter(
@@ -88,6 +108,24 @@ class Metrics:
         self.engine_info = Info(
             "ttaserve_engine", "Engine and device of each loaded model", ("model", "version"), registry=r
         )
+
+    def request_series(self, model: str, version: str, strategy: str) -> RequestSeries:
+        key = (model, version, strategy)
+        series = self._series.get(key)
+        if series is None:
+            series = RequestSeries(
+                requests_ok=self.requests.labels(model, version, strategy, "ok"),
+                latency_ok=self.request_latency.labels(model, version, strategy, "ok"),
+                queue=self.queue_time.labels(*key),
+                compute=self.compute_time.labels(*key),
+                images=self.images.labels(*key),
+                adaptation_step=self.adaptation_step_time.labels(*key),
+                entropy=self.entropy.labels(*key),
+                max_probability=self.max_probability.labels(*key),
+                t3_lambda=self.t3_lambda.labels(*key),
+            )
+            self._series[key] = series
+        return series
 
     def serve(self, port: int, host: str = "0.0.0.0") -> int:
         """Start the HTTP endpoint; returns the bound port (``port`` 0 picks one)."""

@@ -5,7 +5,6 @@ Transport-agnostic: the gRPC servicer calls ``Pipeline.infer`` for unary and str
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import time
@@ -22,7 +21,7 @@ from .loaded_model import LoadedModel
 from .metrics import Metrics
 from .model_config import SessionSettings
 from .repository import ModelRepository
-from .request import ParsedRequest, RequestedOutput, SessionRequest, parse_request
+from .request import ParsedRequest, RequestedOutput, SessionRequest, parse_request, settings_json
 from .sessions import Session, SessionKey, SessionTable, marginal_entropy, session_from_payload
 
 log = logging.getLogger(__name__)
@@ -56,7 +55,8 @@ class Pipeline:
             parsed_ns = time.perf_counter_ns()
             result = self._run(model, parsed, caller)
             run_ns = time.perf_counter_ns()
-            response = build_response(request, model, parsed, result)
+            probabilities = softmax(result.logits)
+            response = build_response(request, model, parsed, result, probabilities)
         except ServingError as exc:
             self._record_failure(model, strategy, start, "invalid" if exc.code.name != "INTERNAL" else "error")
             raise
@@ -74,7 +74,8 @@ class Pipeline:
             output_ns=end - run_ns,
             rows=rows,
         )
-        self._record_success(model, parsed, result, (end - start) / 1e9, (run_ns - parsed_ns - result.queue_ns) / 1e9)
+        compute_s = (run_ns - parsed_ns - result.queue_ns) / 1e9
+        self._record_success(model, parsed, result, probabilities, (end - start) / 1e9, compute_s)
         return response
 
     # --- running a batch --------------------------------------------------------------------------------------
@@ -228,44 +229,52 @@ class Pipeline:
         self.metrics.request_latency.labels(*labels).observe(elapsed / 1e9)
 
     def _record_success(
-        self, model: LoadedModel, parsed: ParsedRequest, result: RunResult, seconds: float, compute_s: float
+        self,
+        model: LoadedModel,
+        parsed: ParsedRequest,
+        result: RunResult,
+        probabilities: np.ndarray,
+        seconds: float,
+        compute_s: float,
     ) -> None:
-        m = self.metrics
-        base = (model.name, str(model.version), parsed.strategy)
-        m.requests.labels(*base, "ok").inc()
-        m.request_latency.labels(*base, "ok").observe(seconds)
-        m.queue_time.labels(*base).observe(result.queue_ns / 1e9)
-        m.compute_time.labels(*base).observe(compute_s)
-        m.images.labels(*base).inc(len(result.logits))
+        series = self.metrics.request_series(model.name, str(model.version), parsed.strategy)
+        series.requests_ok.inc()
+        series.latency_ok.observe(seconds)
+        series.queue.observe(result.queue_ns / 1e9)
+        series.compute.observe(compute_s)
+        series.images.inc(len(probabilities))
         if parsed.strategy != "none":
-            m.adaptation_step_time.labels(*base).observe(compute_s)
-        probabilities = softmax(result.logits.astype(np.float32, copy=True))
-        normaliser = math.log(probabilities.shape[1]) if probabilities.shape[1] > 1 else 1.0
-        entropies = -(probabilities * np.log(np.clip(probabilities, 1e-12, None))).sum(axis=1) / normaliser
-        entropy_hist, max_prob_hist = m.entropy.labels(*base), m.max_probability.labels(*base)
-        for value in entropies:
-            entropy_hist.observe(float(value))
-        for value in probabilities.max(axis=1):
-            max_prob_hist.observe(float(value))
+            series.adaptation_step.observe(compute_s)
+        classes = probabilities.shape[1]
+        normaliser = math.log(classes) if classes > 1 else 1.0
+        entropies = -(probabilities * np.log(np.maximum(probabilities, 1e-12))).sum(axis=1) / normaliser
+        for value in entropies.tolist():
+            series.entropy.observe(value)
+        for value in probabilities.max(axis=1).tolist():
+            series.max_probability.observe(value)
         if "lambda" in result.stats:
-            m.t3_lambda.labels(*base).observe(result.stats["lambda"])
+            series.t3_lambda.observe(result.stats["lambda"])
 
 
 # --- responses -------------------------------------------------------------------------------------------------
 
 
 def softmax(logits: np.ndarray) -> np.ndarray:
-    shifted = logits - logits.max(axis=1, keepdims=True)
+    """Row-wise softmax in float32 (a new array; the logits are left as they are)."""
+    shifted = logits.astype(np.float32) - logits.max(axis=1, keepdims=True)
     np.exp(shifted, out=shifted)
     shifted /= shifted.sum(axis=1, keepdims=True)
     return shifted
 
 
 def build_response(
-    request: pb.ModelInferRequest, model: LoadedModel, parsed: ParsedRequest, result: RunResult
+    request: pb.ModelInferRequest,
+    model: LoadedModel,
+    parsed: ParsedRequest,
+    result: RunResult,
+    probabilities: np.ndarray,
 ) -> pb.ModelInferResponse:
     logits = np.ascontiguousarray(result.logits, dtype=np.float32)
-    probabilities = softmax(logits.copy())
     response = pb.ModelInferResponse(model_name=model.name, model_version=str(model.version), id=request.id)
     need_topk = max([parsed.top_k] + [o.classification for o in parsed.outputs])
     order = np.argsort(-probabilities, axis=1, kind="stable")[:, :need_topk]
@@ -273,7 +282,7 @@ def build_response(
         _add_output(response, output, logits, probabilities, order, parsed.top_k, model.labels)
     params = response.parameters
     set_parameter(params["tta_strategy"], parsed.strategy)
-    set_parameter(params["tta_settings"], json.dumps(parsed.settings.model_dump(mode="json"), sort_keys=True))
+    set_parameter(params["tta_settings"], settings_json(parsed.settings))
     for name, value in result.stats.items():
         set_parameter(params[f"tta_{name}"], float(value))
     if result.session_steps is not None:

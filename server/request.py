@@ -3,6 +3,7 @@ session key, the outputs to return. Everything a client can get wrong is checked
 
 from __future__ import annotations
 
+import functools
 import json
 from dataclasses import dataclass
 from typing import Any
@@ -76,12 +77,13 @@ def parse_strategy(params: dict[str, Any]) -> tuple[str, StrategyConfig]:
         for key, value in params.items()
         if key.startswith(SETTING_PREFIX) and key != STRATEGY_PARAMETER
     }
-    allowed = describe_settings(config_cls)
+    if not overrides:
+        return name, default_settings(config_cls)
     unknown = sorted(set(overrides) - set(config_cls.model_fields))
     if unknown:
         raise InvalidArgument(
             f"strategy '{name}' has no setting {', '.join(SETTING_PREFIX + u for u in unknown)}; "
-            f"allowed: {allowed or 'none'}"
+            f"allowed: {describe_settings(config_cls) or 'none'}"
         )
     try:
         return name, config_cls(**overrides)
@@ -89,9 +91,22 @@ def parse_strategy(params: dict[str, Any]) -> tuple[str, StrategyConfig]:
         problems = "; ".join(
             f"{SETTING_PREFIX}{'.'.join(str(p) for p in err['loc'])}: {err['msg']}" for err in exc.errors()
         )
-        raise InvalidArgument(f"strategy '{name}': {problems}; allowed: {allowed}") from None
+        raise InvalidArgument(f"strategy '{name}': {problems}; allowed: {describe_settings(config_cls)}") from None
 
 
+@functools.cache
+def default_settings(config_cls: type[StrategyConfig]) -> StrategyConfig:
+    """The defaults, built once per strategy (configs are frozen, so one instance serves every request)."""
+    return config_cls()
+
+
+@functools.lru_cache(maxsize=4096)
+def settings_json(settings: StrategyConfig) -> str:
+    """The effective settings as the response's ``tta_settings`` JSON, cached per (frozen, hashable) config."""
+    return json.dumps(settings.model_dump(mode="json"), sort_keys=True)
+
+
+@functools.cache
 def describe_settings(config_cls: type[StrategyConfig]) -> str:
     """``tta_alpha (number, 0 ≤ x ≤ 1, default 0.1), ...`` from the pydantic JSON schema."""
     schema = config_cls.model_json_schema()
