@@ -106,9 +106,14 @@ def _optimizer(model: nn.Module, settings: TrainSettings) -> torch.optim.Optimiz
 def _scheduler(
     optimizer: torch.optim.Optimizer, settings: TrainSettings, total_steps: int
 ) -> torch.optim.lr_scheduler.LRScheduler:
-    if settings.schedule == "onecycle":
+    # One-cycle needs at least one step to rise and one to fall; very short runs (tests) fall back to cosine.
+    if settings.schedule == "onecycle" and total_steps >= 3:
         return torch.optim.lr_scheduler.OneCycleLR(
-            optimizer, max_lr=settings.lr, total_steps=total_steps, pct_start=0.25, div_factor=10.0
+            optimizer,
+            max_lr=settings.lr,
+            total_steps=total_steps,
+            pct_start=max(0.25, 2 / total_steps),
+            div_factor=10.0,
         )
     return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=total_steps)
 
