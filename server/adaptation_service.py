@@ -114,7 +114,7 @@ class AdaptationServicer(adaptation_pb2_grpc.AdaptationServicer):
                 session.marginal = None
                 session.resets += 1
                 session.last_stats = {}
-            self.metrics.session_resets.labels(key.strategy, "manual").inc()
+            self.metrics.session_resets.labels(key.model, key.strategy, "manual").inc()
             return apb.ResetSessionResponse(session=session_info(session))
 
         return self._call(context, reset)

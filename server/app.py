@@ -20,7 +20,7 @@ from ttaserve.protocol import adaptation_pb2_grpc, grpc_service_pb2_grpc
 
 from .adaptation_service import AdaptationServicer
 from .engines.torch_engine import resolve_device
-from .inference_service import InferenceServicer, InflightTracker
+from .inference_service import InferenceServicer, InflightTracker, server_version
 from .metrics import Metrics
 from .pipeline import Pipeline
 from .repository import ModelRepository
@@ -31,6 +31,8 @@ log = logging.getLogger(__name__)
 
 INFERENCE_SERVICE = "inference.GRPCInferenceService"
 ADAPTATION_SERVICE = "ttaserve.v1.Adaptation"
+#: a health service name that stays SERVING while draining (Kubernetes liveness); every other name turns NOT_SERVING
+LIVENESS_SERVICE = "liveness"
 _SWEEP_INTERVAL_S = 5.0
 
 
@@ -62,13 +64,16 @@ class ServerHandle:
     metrics: Metrics
     health: health.HealthServicer
     inflight: InflightTracker
+    #: the health service names that turn NOT_SERVING on drain
+    readiness_services: tuple[str, ...] = ()
     _stopped: threading.Event = field(default_factory=threading.Event)
 
     def drain(self) -> None:
         """Not-ready first, finish in-flight requests, snapshot live sessions, then stop."""
         log.info("draining: reporting not-ready")
         self.inflight.draining = True
-        self.health.enter_graceful_shutdown()
+        for name in self.readiness_services:
+            self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
         if not self.inflight.wait_idle(self.settings.drain_timeout_s):
             log.warning("drain timeout: requests still in flight after %.1fs", self.settings.drain_timeout_s)
         saved = 0
@@ -99,11 +104,11 @@ def start_server(settings: ServerSettings) -> ServerHandle:
     log.info("device %s (torch %s, cuda available: %s)", device, torch.__version__, torch.cuda.is_available())
 
     metrics = Metrics()
-    repository = ModelRepository(settings.model_repository, device)
+    metrics.server_info.info({"version": server_version(), "torch": torch.__version__, "device": str(device)})
+    repository = ModelRepository(
+        settings.model_repository, device, on_change=lambda name: metrics.update_model(repository, name)
+    )
     repository.load_all(settings.models)
-    for model in repository.loaded():
-        metrics.model_ready.labels(model.name, str(model.version)).set(1)
-        metrics.engine_info.labels(model.name, str(model.version)).info(model.engine.describe())
 
     snapshot_dir = settings.snapshot_dir or Path("snapshots")
     sessions = SessionTable(
@@ -111,11 +116,15 @@ def start_server(settings: ServerSettings) -> ServerHandle:
         idle_timeout_s=settings.session_idle_timeout_s,
         snapshot_dir=snapshot_dir,
         on_removed=lambda session, reason: (
-            metrics.session_resets.labels(session.key.strategy, reason).inc() if reason != "ended" else None
+            metrics.session_resets.labels(session.key.model, session.key.strategy, reason).inc()
+            if reason != "ended"
+            else None
         ),
     )
     pipeline = Pipeline(repository, sessions, metrics)
     inflight = InflightTracker()
+    metrics.watch_sessions(sessions)
+    metrics.watch_inflight(lambda: inflight.count)
 
     limit = settings.max_message_mb * 1024 * 1024
     server = grpc.server(
@@ -132,7 +141,8 @@ def start_server(settings: ServerSettings) -> ServerHandle:
     adaptation_pb2_grpc.add_AdaptationServicer_to_server(AdaptationServicer(repository, sessions, metrics), server)
     health_servicer = health.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    for name in ("", INFERENCE_SERVICE, ADAPTATION_SERVICE, *{m.name for m in repository.loaded()}):
+    readiness_services = ("", INFERENCE_SERVICE, ADAPTATION_SERVICE, *sorted({m.name for m in repository.loaded()}))
+    for name in (*readiness_services, LIVENESS_SERVICE):
         health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
     reflection.enable_server_reflection(
         (INFERENCE_SERVICE, ADAPTATION_SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME),
@@ -143,7 +153,9 @@ def start_server(settings: ServerSettings) -> ServerHandle:
     if port == 0:
         raise RuntimeError(f"cannot bind gRPC port {settings.grpc_host}:{settings.grpc_port}")
     server.start()
-    metrics_port = metrics.serve(settings.metrics_port) if settings.metrics_port is not None else None
+    metrics_port = (
+        metrics.serve(settings.metrics_port, settings.grpc_host) if settings.metrics_port is not None else None
+    )
     handle = ServerHandle(
         settings=settings,
         server=server,
@@ -154,6 +166,7 @@ def start_server(settings: ServerSettings) -> ServerHandle:
         metrics=metrics,
         health=health_servicer,
         inflight=inflight,
+        readiness_services=readiness_services,
     )
     _start_sweeper(handle)
     log.info(
@@ -167,13 +180,11 @@ def start_server(settings: ServerSettings) -> ServerHandle:
 
 
 def _start_sweeper(handle: ServerHandle) -> None:
-    """Expire idle sessions in the background and keep the session gauges current."""
+    """Expire idle sessions in the background."""
 
     def sweep() -> None:
         while not handle._stopped.wait(_SWEEP_INTERVAL_S):
             handle.sessions.expire_idle()
-            handle.metrics.active_sessions.set(len(handle.sessions))
-            handle.metrics.session_state_bytes.set(handle.sessions.total_state_bytes())
 
     threading.Thread(target=sweep, name="ttaserve-session-sweeper", daemon=True).start()
 

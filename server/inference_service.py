@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import threading
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from importlib.metadata import PackageNotFoundError, version
 from typing import TypeVar
 
@@ -73,6 +74,10 @@ class InflightTracker:
                 raise Unavailable("server is draining (shutting down); retry on another replica")
             self._count += 1
 
+    @property
+    def count(self) -> int:
+        return self._count
+
     def leave(self) -> None:
         with self._cond:
             self._count -= 1
@@ -110,6 +115,19 @@ class InferenceServicer(grpc_service_pb2_grpc.GRPCInferenceServiceServicer):
             log.exception("internal error")
             context.abort(grpc.StatusCode.INTERNAL, f"internal error: {type(exc).__name__}: {exc}")
         raise AssertionError("unreachable")
+
+    @contextmanager
+    def _admitted(self, request: pb.ModelInferRequest) -> Iterator[None]:
+        """Count the request in flight; while draining, refuse it (and count the refusal in the metrics)."""
+        try:
+            self.inflight.enter()
+        except Unavailable as exc:
+            self.pipeline.record_rejected(request, exc)
+            raise
+        try:
+            yield
+        finally:
+            self.inflight.leave()
 
     # --- health and metadata -------------------------------------------------------------------------------------
 
@@ -220,11 +238,8 @@ class InferenceServicer(grpc_service_pb2_grpc.GRPCInferenceServiceServicer):
         caller = caller_of(context)
 
         def run() -> pb.ModelInferResponse:
-            self.inflight.enter()
-            try:
+            with self._admitted(request):
                 return self.pipeline.infer(request, caller)
-            finally:
-                self.inflight.leave()
 
         return self._call(context, run)
 
@@ -235,11 +250,8 @@ class InferenceServicer(grpc_service_pb2_grpc.GRPCInferenceServiceServicer):
         caller = caller_of(context)
         for request in request_iterator:
             try:
-                self.inflight.enter()
-                try:
+                with self._admitted(request):
                     response = self.pipeline.infer(request, caller)
-                finally:
-                    self.inflight.leave()
             except ServingError as exc:
                 yield pb.ModelStreamInferResponse(error_message=f"{exc.code.name}: {exc.message}")
                 continue

@@ -1,32 +1,90 @@
-"""Prometheus metrics. Units are seconds; labels are bounded (model, version, strategy, outcome, reason) — never a
-session or request id. Each server owns its own registry, so several servers can live in one process (tests)."""
+"""Prometheus metrics. Units are seconds and bytes; labels are bounded (model, version, strategy, outcome, reason,
+event) — never a session or request id, and a model name a client made up is reported as ``unknown``. Each server
+owns its own registry, so several servers can live in one process (tests). docs/operations.md lists every metric.
+"""
 
 from __future__ import annotations
 
+import threading
+from collections import Counter as Tally
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info, start_http_server
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+if TYPE_CHECKING:
+    from .repository import ModelRepository
+    from .sessions import SessionTable
 
 _LATENCY_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0)
 _BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
 _UNIT_BUCKETS = tuple(i / 20 for i in range(1, 21))
 
+#: the ``outcome`` label: ok, invalid (the client's fault: INVALID_ARGUMENT, NOT_FOUND, RESOURCE_EXHAUSTED,
+#: FAILED_PRECONDITION), unavailable (model not ready, server draining) or error (INTERNAL: the server's fault)
+OUTCOMES = ("ok", "invalid", "unavailable", "error")
+UNKNOWN = "unknown"
+
+
+def outcome_of(status_name: str) -> str:
+    """The ``outcome`` label of a failed request from its gRPC status name."""
+    if status_name == "UNAVAILABLE":
+        return "unavailable"
+    if status_name in ("INTERNAL", "UNKNOWN"):
+        return "error"
+    return "invalid"
+
 
 @dataclass(frozen=True)
 class RequestSeries:
     """The labelled children one (model, version, strategy) touches on every successful request, resolved once:
-    ``labels()`` costs a dictionary lookup and a lock per call, too much to repeat eight times per request."""
+    ``labels()`` costs a dictionary lookup and a lock per call, too much to repeat on every request."""
 
     requests_ok: Any
     latency_ok: Any
     queue: Any
     compute: Any
     images: Any
+    request_batch_size: Any
+    batch_size: Any
     adaptation_step: Any
     entropy: Any
     max_probability: Any
     t3_lambda: Any
+
+
+class _SessionCollector(Collector):
+    """Live sessions and the bytes of their state per (model, strategy), counted when Prometheus scrapes, so the
+    gauges never lag behind ends, evictions or expiries."""
+
+    def __init__(self, table: SessionTable) -> None:
+        self._table = table
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        count: Tally[tuple[str, str]] = Tally()
+        state_bytes: Tally[tuple[str, str]] = Tally()
+        for session in self._table.sessions():
+            key = (session.key.model, session.key.strategy)
+            count[key] += 1
+            state_bytes[key] += session.state_bytes()
+        sessions, memory = self.describe()
+        for key in sorted(count):
+            sessions.add_metric(key, count[key])
+            memory.add_metric(key, state_bytes[key])
+        yield sessions
+        yield memory
+
+    def describe(self) -> tuple[GaugeMetricFamily, GaugeMetricFamily]:
+        labels = ("model", "strategy")
+        return (
+            GaugeMetricFamily("ttaserve_active_sessions", "Live adaptation sessions", labels=labels),
+            GaugeMetricFamily(
+                "ttaserve_session_state_bytes", "Bytes of adaptation state held by live sessions", labels=labels
+            ),
+        )
 
 
 class Metrics:
@@ -60,9 +118,16 @@ class Metrics:
             registry=r,
         )
         self.images = Counter("ttaserve_images", "Images classified", model_labels, registry=r)
+        self.request_batch_size = Histogram(
+            "ttaserve_request_batch_size",
+            "Images per successful request",
+            model_labels,
+            buckets=_BATCH_BUCKETS,
+            registry=r,
+        )
         self.batch_size = Histogram(
             "ttaserve_batch_size",
-            "Rows per engine execution",
+            "Rows of the engine execution that served a request (dynamic batching merges concurrent requests)",
             ("model", "version"),
             buckets=_BATCH_BUCKETS,
             registry=r,
@@ -91,23 +156,35 @@ class Metrics:
         self.t3_lambda = Histogram(
             "ttaserve_t3_lambda",
             "T3 merge coefficient (weight of the generalist)",
-            ("model", "version", "strategy"),
+            model_labels,
             buckets=_UNIT_BUCKETS,
             registry=r,
         )
-        self.active_sessions = Gauge("ttaserve_active_sessions", "Live adaptation sessions", registry=r)
-        self.session_state_bytes = Gauge(
-            "ttaserve_session_state_bytes", "Bytes of adaptation state held by live sessions", registry=r
+        self.sessions_opened = Counter(
+            "ttaserve_sessions_opened",
+            "Sessions opened: started (sequence_start), created (first request without it), restored (snapshot)",
+            ("model", "strategy", "event"),
+            registry=r,
         )
         self.session_resets = Counter(
-            "ttaserve_session_resets", "Sessions reset or removed, by reason", ("strategy", "reason"), registry=r
+            "ttaserve_session_resets",
+            "Sessions reset (manual, collapse) or removed (evicted, expired)",
+            ("model", "strategy", "reason"),
+            registry=r,
         )
+        self.inflight = Gauge("ttaserve_inflight_requests", "Inference requests being handled", registry=r)
         self.model_ready = Gauge(
-            "ttaserve_model_ready", "1 when a model version is loaded and ready", ("model", "version"), registry=r
+            "ttaserve_model_ready",
+            "1 when a model version is loaded and ready, else 0",
+            ("model", "version"),
+            registry=r,
         )
         self.engine_info = Info(
-            "ttaserve_engine", "Engine and device of each loaded model", ("model", "version"), registry=r
+            "ttaserve_engine", "Engine and device of each loaded model version", ("model", "version"), registry=r
         )
+        self.server_info = Info("ttaserve_server", "Server version, torch version and compute device", registry=r)
+        self._seen_versions: dict[str, set[str]] = {}
+        self._models_lock = threading.Lock()
 
     def request_series(self, model: str, version: str, strategy: str) -> RequestSeries:
         key = (model, version, strategy)
@@ -119,6 +196,8 @@ class Metrics:
                 queue=self.queue_time.labels(*key),
                 compute=self.compute_time.labels(*key),
                 images=self.images.labels(*key),
+                request_batch_size=self.request_batch_size.labels(*key),
+                batch_size=self.batch_size.labels(model, version),
                 adaptation_step=self.adaptation_step_time.labels(*key),
                 entropy=self.entropy.labels(*key),
                 max_probability=self.max_probability.labels(*key),
@@ -127,9 +206,38 @@ class Metrics:
             self._series[key] = series
         return series
 
+    def record_failure(self, model: str, version: str, strategy: str, status_name: str, seconds: float) -> None:
+        labels = (model, version, strategy, outcome_of(status_name))
+        self.requests.labels(*labels).inc()
+        self.request_latency.labels(*labels).observe(seconds)
+
+    def watch_sessions(self, table: SessionTable) -> None:
+        self.registry.register(_SessionCollector(table))
+
+    def watch_inflight(self, count: Callable[[], int]) -> None:
+        self.inflight.set_function(count)
+
+    def update_model(self, repository: ModelRepository, name: str) -> None:
+        """After ``name`` was loaded, reloaded, unloaded or failed to load: each version it ever served reads 1 when
+        ready, else 0 (and loses its engine info); a model that never loaded reads 0 with an empty version."""
+        with self._models_lock:
+            ready = {str(m.version): m for m in repository.loaded() if m.name == name}
+            seen = self._seen_versions.setdefault(name, set())
+            seen.update(ready)
+            if not seen:
+                self.model_ready.labels(name, "").set(0)
+                return
+            self.model_ready.remove(name, "")
+            for version in seen:
+                self.model_ready.labels(name, version).set(1 if version in ready else 0)
+                if version in ready:
+                    self.engine_info.labels(name, version).info(ready[version].engine.describe())
+                else:
+                    self.engine_info.remove(name, version)
+
     def serve(self, port: int, host: str = "0.0.0.0") -> int:
         """Start the HTTP endpoint; returns the bound port (``port`` 0 picks one)."""
-        server, _thread = start_http_server(port, addr=host, registry=self.registry)
+        server, _thread = start_http_server(port, addr=host.strip("[]"), registry=self.registry)
         self._http_server = server
         return int(server.server_port)
 

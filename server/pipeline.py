@@ -13,15 +13,23 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from ttaserve.adapters import strategy_names
 from ttaserve.protocol import kserve_v2_pb2 as pb
 
 from .codec import encode_bytes_elements, set_parameter
 from .errors import InvalidArgument, NotFound, ServingError
 from .loaded_model import LoadedModel
-from .metrics import Metrics
+from .metrics import UNKNOWN, Metrics
 from .model_config import SessionSettings
 from .repository import ModelRepository
-from .request import ParsedRequest, RequestedOutput, SessionRequest, parse_request, settings_json
+from .request import (
+    STRATEGY_PARAMETER,
+    ParsedRequest,
+    RequestedOutput,
+    SessionRequest,
+    parse_request,
+    settings_json,
+)
 from .sessions import Session, SessionKey, SessionTable, marginal_entropy, session_from_payload
 
 log = logging.getLogger(__name__)
@@ -35,6 +43,8 @@ class RunResult:
     infer_ns: int = 0
     session_steps: int | None = None
     session_event: str = ""
+    #: rows of the engine execution that served the request (more than its own under dynamic batching)
+    batch_size: int = 0
 
 
 class Pipeline:
@@ -47,8 +57,12 @@ class Pipeline:
 
     def infer(self, request: pb.ModelInferRequest, caller: str) -> pb.ModelInferResponse:
         start = time.perf_counter_ns()
-        model = self.repository.get(request.model_name, request.model_version)
-        strategy = "none"
+        try:
+            model = self.repository.get(request.model_name, request.model_version)
+        except ServingError as exc:
+            self.record_rejected(request, exc, start)
+            raise
+        strategy = requested_strategy(request)
         try:
             parsed = parse_request(request, model)
             strategy = parsed.strategy
@@ -58,10 +72,10 @@ class Pipeline:
             probabilities = softmax(result.logits)
             response = build_response(request, model, parsed, result, probabilities)
         except ServingError as exc:
-            self._record_failure(model, strategy, start, "invalid" if exc.code.name != "INTERNAL" else "error")
+            self._record_failure(model, strategy, start, exc.code.name)
             raise
         except Exception:
-            self._record_failure(model, strategy, start, "error")
+            self._record_failure(model, strategy, start, "INTERNAL")
             raise
         end = time.perf_counter_ns()
         rows = len(parsed.images)
@@ -90,13 +104,13 @@ class Pipeline:
     def _run_source(self, model: LoadedModel, images: np.ndarray) -> RunResult:
         if model.batcher is not None:
             batched = model.batcher.submit(images)
-            self.metrics.batch_size.labels(model.name, str(model.version)).observe(batched.batch_size)
-            return RunResult(batched.output, queue_ns=batched.queue_ns, infer_ns=batched.infer_ns)
+            return RunResult(
+                batched.output, queue_ns=batched.queue_ns, infer_ns=batched.infer_ns, batch_size=batched.batch_size
+            )
         start = time.perf_counter_ns()
         logits = model.run_source(images)
         infer_ns = time.perf_counter_ns() - start
         model.statistics.record_execution(len(images), infer_ns)
-        self.metrics.batch_size.labels(model.name, str(model.version)).observe(len(images))
         return RunResult(logits, infer_ns=infer_ns)
 
     def _run_stateless(self, model: LoadedModel, parsed: ParsedRequest) -> RunResult:
@@ -116,6 +130,8 @@ class Pipeline:
         key = SessionKey(caller, model.name, parsed.strategy, request.sequence_id)
         strategy = model.strategy(parsed.strategy)
         session, event = self._open_session(model, key, parsed, request.start)
+        if event:
+            self.metrics.sessions_opened.labels(model.name, parsed.strategy, event).inc()
         enqueued = time.perf_counter_ns()
         with session.lock.hold():
             if session.ended:
@@ -130,7 +146,7 @@ class Pipeline:
                 session.state = strategy.init_state(session.settings)
                 session.marginal = None
                 session.resets += 1
-                self.metrics.session_resets.labels(parsed.strategy, "collapse").inc()
+                self.metrics.session_resets.labels(model.name, parsed.strategy, "collapse").inc()
                 step = strategy.step(session.state, x, session.settings)
                 logits = step.logits.detach().float()
                 event = f"collapse: {reason}"
@@ -147,7 +163,6 @@ class Pipeline:
         if request.end:
             self.sessions.remove(key, "ended")
             self.sessions.delete_snapshot(key)
-        self._update_session_gauges()
         return RunResult(
             logits.cpu().numpy(),
             stats=step.stats,
@@ -215,18 +230,23 @@ class Pipeline:
             m = settings.collapse_marginal_momentum
             session.marginal = m * session.marginal + (1 - m) * batch_marginal
 
-    def _update_session_gauges(self) -> None:
-        self.metrics.active_sessions.set(len(self.sessions))
-        self.metrics.session_state_bytes.set(self.sessions.total_state_bytes())
-
     # --- metrics --------------------------------------------------------------------------------------------
 
-    def _record_failure(self, model: LoadedModel, strategy: str, start: int, outcome: str) -> None:
+    def record_rejected(self, request: pb.ModelInferRequest, exc: ServingError, start: int | None = None) -> None:
+        """Count a request refused before it reached a model: unknown or unready model or version, server draining.
+        A model name that is not loaded is counted as ``unknown`` (clients choose it: no unbounded labels)."""
+        try:
+            model = self.repository.get(request.model_name, request.model_version)
+            name, version = model.name, str(model.version)
+        except ServingError:
+            name, version = UNKNOWN, ""
+        elapsed = 0.0 if start is None else (time.perf_counter_ns() - start) / 1e9
+        self.metrics.record_failure(name, version, requested_strategy(request), exc.code.name, elapsed)
+
+    def _record_failure(self, model: LoadedModel, strategy: str, start: int, status_name: str) -> None:
         elapsed = time.perf_counter_ns() - start
         model.statistics.record_request(ok=False, total_ns=elapsed)
-        labels = (model.name, str(model.version), strategy, outcome)
-        self.metrics.requests.labels(*labels).inc()
-        self.metrics.request_latency.labels(*labels).observe(elapsed / 1e9)
+        self.metrics.record_failure(model.name, str(model.version), strategy, status_name, elapsed / 1e9)
 
     def _record_success(
         self,
@@ -243,6 +263,8 @@ class Pipeline:
         series.queue.observe(result.queue_ns / 1e9)
         series.compute.observe(compute_s)
         series.images.inc(len(probabilities))
+        series.request_batch_size.observe(len(probabilities))
+        series.batch_size.observe(result.batch_size or len(probabilities))
         if parsed.strategy != "none":
             series.adaptation_step.observe(compute_s)
         classes = probabilities.shape[1]
@@ -254,6 +276,14 @@ class Pipeline:
             series.max_probability.observe(value)
         if "lambda" in result.stats:
             series.t3_lambda.observe(result.stats["lambda"])
+
+
+def requested_strategy(request: pb.ModelInferRequest) -> str:
+    """The strategy label of a request: the one it names when that exists, ``unknown`` for a made-up name."""
+    if STRATEGY_PARAMETER not in request.parameters:
+        return "none"
+    name = request.parameters[STRATEGY_PARAMETER].string_param
+    return name if name in strategy_names() else UNKNOWN
 
 
 # --- responses -------------------------------------------------------------------------------------------------

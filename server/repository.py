@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,7 +29,8 @@ class IndexEntry:
 
 
 class ModelRepository:
-    def __init__(self, root: Path | None, device: torch.device) -> None:
+    def __init__(self, root: Path | None, device: torch.device, on_change: Callable[[str], None] | None = None) -> None:
+        """``on_change(name)`` runs after each load, reload, unload or failed load of a model (metrics)."""
         self.root = (root or DEFAULT_REPOSITORY).resolve()
         if not self.root.is_dir():
             raise ConfigError(f"model repository {self.root} is not a directory")
@@ -36,6 +38,7 @@ class ModelRepository:
         self._lock = threading.RLock()
         self._loaded: dict[str, dict[int, LoadedModel]] = {}
         self._state: dict[str, tuple[str, str]] = {}
+        self._on_change = on_change
 
     def model_dirs(self) -> list[Path]:
         return sorted(p for p in self.root.iterdir() if p.is_dir() and any((p / f).is_file() for f in CONFIG_FILENAMES))
@@ -70,6 +73,7 @@ class ModelRepository:
         except Exception as exc:
             with self._lock:
                 self._state[name] = ("UNAVAILABLE", str(exc))
+            self._changed(name)
             raise
         with self._lock:
             old = self._loaded.get(name, {})
@@ -77,6 +81,7 @@ class ModelRepository:
             self._state[name] = ("READY", "")
         for model in old.values():
             model.close()
+        self._changed(name)
 
     def unload(self, name: str) -> None:
         with self._lock:
@@ -86,6 +91,11 @@ class ModelRepository:
             self._state[name] = ("UNAVAILABLE", "unloaded")
         for model in old.values():
             model.close()
+        self._changed(name)
+
+    def _changed(self, name: str) -> None:
+        if self._on_change is not None:
+            self._on_change(name)
 
     def get(self, name: str, version: str = "") -> LoadedModel:
         with self._lock:

@@ -160,7 +160,7 @@ def test_lru_eviction_and_idle_expiry(model_repo: Path, tmp_path: Path, real_ima
         for name in ("a", "b", "c"):
             infer(client, real_images[:4], "unmix_tns", name, start=True)
         assert sorted(s.key.sequence_id for s in handle.sessions.sessions()) == ["b", "c"]
-        evicted = handle.metrics.session_resets.labels("unmix_tns", "evicted")._value.get()
+        evicted = handle.metrics.session_resets.labels("resnet", "unmix_tns", "evicted")._value.get()
         assert evicted == 1
         assert handle.sessions.expire_idle(now=handle.sessions.sessions()[0].last_used + 10_000) == 2
         assert len(handle.sessions) == 0
@@ -242,6 +242,6 @@ def test_collapse_guard_resets_and_reports(tmp_path: Path, real_images: np.ndarr
             events.append((params["tta_session_steps"].int64_param, params.get("tta_session_reset")))
         assert events[1][1] is None
         assert events[2][0] == 1 and "class-marginal entropy" in events[2][1].string_param
-        assert handle.metrics.session_resets.labels("tent", "collapse")._value.get() >= 1
+        assert handle.metrics.session_resets.labels("guarded", "tent", "collapse")._value.get() >= 1
     finally:
         handle.stop()
