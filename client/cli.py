@@ -62,6 +62,9 @@ def _build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--no-metrics", action="store_true", help="no Prometheus endpoint")
     serve.add_argument("--device", choices=("auto", "cpu", "cuda"), default=None)
     serve.add_argument("--max-message-mb", type=int, default=None)
+    serve.add_argument(
+        "--snapshot-dir", type=Path, default=None, help="session snapshots (share it between replicas for failover)"
+    )
 
     classify = commands.add_parser("classify", help="classify image files")
     _add_connection(classify)
@@ -104,6 +107,7 @@ def _serve(args: argparse.Namespace) -> int:
         metrics_port=args.metrics_port,
         device=args.device,
         max_message_mb=args.max_message_mb,
+        snapshot_dir=args.snapshot_dir,
     )
     if args.no_metrics:
         settings = settings.model_copy(update={"metrics_port": None})
