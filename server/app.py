@@ -180,10 +180,11 @@ def start_server(settings: ServerSettings) -> ServerHandle:
 
 
 def _start_sweeper(handle: ServerHandle) -> None:
-    """Expire idle sessions in the background."""
+    """Expire idle sessions in the background (at least twice per idle timeout, so short timeouts hold)."""
+    interval_s = min(_SWEEP_INTERVAL_S, handle.settings.session_idle_timeout_s / 2)
 
     def sweep() -> None:
-        while not handle._stopped.wait(_SWEEP_INTERVAL_S):
+        while not handle._stopped.wait(interval_s):
             handle.sessions.expire_idle()
 
     threading.Thread(target=sweep, name="ttaserve-session-sweeper", daemon=True).start()
