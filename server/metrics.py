@@ -41,7 +41,9 @@ def outcome_of(status_name: str) -> str:
 @dataclass(frozen=True)
 class RequestSeries:
     """The labelled children one (model, version, strategy) touches on every successful request, resolved once:
-    ``labels()`` costs a dictionary lookup and a lock per call, too much to repeat on every request."""
+    ``labels()`` costs a dictionary lookup and a lock per call, too much to repeat on every request. Children that
+    would stay empty are not made (a labelled child is exported as soon as it exists): no adaptation step time for
+    strategy none, and T3's λ is resolved only when a step reports one."""
 
     requests_ok: Any
     latency_ok: Any
@@ -50,10 +52,9 @@ class RequestSeries:
     images: Any
     request_batch_size: Any
     batch_size: Any
-    adaptation_step: Any
+    adaptation_step: Any  # None for strategy none
     entropy: Any
     max_probability: Any
-    t3_lambda: Any
 
 
 class _SessionCollector(Collector):
@@ -198,10 +199,9 @@ class Metrics:
                 images=self.images.labels(*key),
                 request_batch_size=self.request_batch_size.labels(*key),
                 batch_size=self.batch_size.labels(model, version),
-                adaptation_step=self.adaptation_step_time.labels(*key),
+                adaptation_step=self.adaptation_step_time.labels(*key) if strategy != "none" else None,
                 entropy=self.entropy.labels(*key),
                 max_probability=self.max_probability.labels(*key),
-                t3_lambda=self.t3_lambda.labels(*key),
             )
             self._series[key] = series
         return series

@@ -257,7 +257,8 @@ class Pipeline:
         seconds: float,
         compute_s: float,
     ) -> None:
-        series = self.metrics.request_series(model.name, str(model.version), parsed.strategy)
+        series_key = (model.name, str(model.version), parsed.strategy)
+        series = self.metrics.request_series(*series_key)
         series.requests_ok.inc()
         series.latency_ok.observe(seconds)
         series.queue.observe(result.queue_ns / 1e9)
@@ -265,7 +266,7 @@ class Pipeline:
         series.images.inc(len(probabilities))
         series.request_batch_size.observe(len(probabilities))
         series.batch_size.observe(result.batch_size or len(probabilities))
-        if parsed.strategy != "none":
+        if series.adaptation_step is not None:
             series.adaptation_step.observe(compute_s)
         classes = probabilities.shape[1]
         normaliser = math.log(classes) if classes > 1 else 1.0
@@ -275,7 +276,7 @@ class Pipeline:
         for value in probabilities.max(axis=1).tolist():
             series.max_probability.observe(value)
         if "lambda" in result.stats:
-            series.t3_lambda.observe(result.stats["lambda"])
+            self.metrics.t3_lambda.labels(*series_key).observe(result.stats["lambda"])
 
 
 def requested_strategy(request: pb.ModelInferRequest) -> str:
