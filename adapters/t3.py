@@ -18,7 +18,9 @@ generalist; agreement keeps the expert's precision:
 
 so λ spans exactly [λ_min, λ_max] whatever γ and c: full agreement gives λ_min (mostly expert), total
 disagreement λ_max (mostly generalist); c is where the sigmoid is steepest and γ how sharply it switches
-(γ → 0 makes the mapping linear).
+(γ → 0 makes the mapping linear). The paper's λ_min/λ_max defaults could not be confirmed; the defaults here,
+λ ∈ [0, 1], c = 0.5, γ = 10, switch from the pure expert to the pure generalist around half the largest
+possible divergence.
 
 **Buffers are merged too.** Every floating-point parameter *and* buffer is interpolated, so BatchNorm normalises
 with λ·μ_g + (1 − λ)·μ_e and λ·σ²_g + (1 − λ)·σ²_e: the expert's statistics describe its domain and the merged
@@ -52,13 +54,13 @@ class T3Config(StrategyConfig):
     """λ = λ_min + (λ_max − λ_min)·u(JS / ln 2), u the sigmoid σ(γ(j − centre)) rescaled to map [0, 1] onto [0, 1]."""
 
     #: weight on the generalist when both models agree (JS = 0)
-    lambda_min: float = Field(default=0.2, ge=0.0, le=1.0)
+    lambda_min: float = Field(default=0.0, ge=0.0, le=1.0)
     #: weight on the generalist when they disagree completely (JS = ln 2)
     lambda_max: float = Field(default=1.0, ge=0.0, le=1.0)
     #: sharpness of the switch (0 would be linear; small values are close to it)
     gamma: float = Field(default=10.0, gt=0.0, le=1000.0)
     #: normalised JS where the switch is steepest
-    centre: float = Field(default=0.2, ge=0.0, le=1.0)
+    centre: float = Field(default=0.5, ge=0.0, le=1.0)
     #: samples merged at once by ``t3`` (memory ≈ chunk_size × parameter count); ignored by ``t3_batch``
     chunk_size: int = Field(default=32, ge=1, le=4096)
 
