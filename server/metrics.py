@@ -15,6 +15,8 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
+from ttaserve.adapters import get_strategy_class, strategy_names
+
 if TYPE_CHECKING:
     from .repository import ModelRepository
     from .sessions import SessionTable
@@ -23,6 +25,9 @@ _LATENCY_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5
 _BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
 _UNIT_BUCKETS = tuple(i / 20 for i in range(1, 21))
 
+#: the ``reason`` label of session_resets and the ``event`` label of sessions_opened
+RESET_REASONS = ("manual", "collapse", "evicted", "expired")
+OPEN_EVENTS = ("started", "created", "restored")
 #: the ``outcome`` label: ok, invalid (the client's fault: INVALID_ARGUMENT, NOT_FOUND, RESOURCE_EXHAUSTED,
 #: FAILED_PRECONDITION), unavailable (model not ready, server draining) or error (INTERNAL: the server's fault)
 OUTCOMES = ("ok", "invalid", "unavailable", "error")
@@ -227,6 +232,8 @@ class Metrics:
             if not seen:
                 self.model_ready.labels(name, "").set(0)
                 return
+            if ready:
+                self._zero_session_counters(name)
             self.model_ready.remove(name, "")
             for version in seen:
                 self.model_ready.labels(name, version).set(1 if version in ready else 0)
@@ -234,6 +241,17 @@ class Metrics:
                     self.engine_info.labels(name, version).info(ready[version].engine.describe())
                 else:
                     self.engine_info.remove(name, version)
+
+    def _zero_session_counters(self, model: str) -> None:
+        """Export the rare session counters at 0 from the start: a counter whose first sample is already 1 shows no
+        increase, so the first collapse or eviction of a (model, strategy) would never reach a rate or an alert."""
+        for strategy in strategy_names():
+            if not get_strategy_class(strategy).stateful:
+                continue
+            for reason in RESET_REASONS:
+                self.session_resets.labels(model, strategy, reason)
+            for event in OPEN_EVENTS:
+                self.sessions_opened.labels(model, strategy, event)
 
     def serve(self, port: int, host: str = "0.0.0.0") -> int:
         """Start the HTTP endpoint; returns the bound port (``port`` 0 picks one)."""
