@@ -141,9 +141,12 @@ def test_batch_size_histograms(observed: Observed) -> None:
 def test_session_metrics(observed: Observed) -> None:
     prom = observed.prometheus
     resets = by_label(prom, "sum by (reason) (ttaserve_session_resets_total)", "reason")
-    assert resets == {"collapse": 1, "evicted": 1, "manual": 1}
+    assert resets == {"collapse": 1, "evicted": 1, "manual": 1, "expired": 0}  # exported at 0 from the start
     assert prom.value('ttaserve_session_resets_total{model="guarded", strategy="tent", reason="collapse"}') == 1
-    assert by_label(prom, "sum by (event) (ttaserve_sessions_opened_total)", "event") == {"started": 5}
+    opened = by_label(prom, "sum by (event) (ttaserve_sessions_opened_total)", "event")
+    assert opened == {"started": 5, "created": 0, "restored": 0}
+    # the first collapse of a (model, strategy) is a visible increase: its series existed (at 0) before it
+    assert prom.value('sum(increase(ttaserve_session_resets_total{reason="collapse"}[5m]))') > 0
     live = {
         (s["metric"]["model"], s["metric"]["strategy"]): float(s["value"][1])
         for s in prom.query("ttaserve_active_sessions")
