@@ -195,6 +195,7 @@ def test_every_dashboard_query_runs(observed: Observed) -> None:
 
 
 def test_dashboard_renders(observed: Observed, tmp_path: Path) -> None:
+    pytest.importorskip("matplotlib", reason="drawing the dashboard needs matplotlib (the eval extra)")
     out = tmp_path / "dashboard.png"
     render(observed.prometheus, load_dashboard(), observed.started - 5, time.time(), out)
     from PIL import Image
