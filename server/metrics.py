@@ -28,14 +28,14 @@ _UNIT_BUCKETS = tuple(i / 20 for i in range(1, 21))
 #: the ``reason`` label of session_resets and the ``event`` label of sessions_opened
 RESET_REASONS = ("manual", "collapse", "evicted", "expired")
 OPEN_EVENTS = ("started", "created", "restored")
-#: the ``outcome`` label: ok, invalid (the client's fault: INVALID_ARGUMENT, NOT_FOUND, RESOURCE_EXHAUSTED,
-#: FAILED_PRECONDITION), unavailable (model not ready, server draining) or error (INTERNAL: the server's fault)
-OUTCOMES = ("ok", "invalid", "unavailable", "error")
+#: the label value of a model or strategy name that does not exist (clients choose names: no unbounded labels)
 UNKNOWN = "unknown"
 
 
 def outcome_of(status_name: str) -> str:
-    """The ``outcome`` label of a failed request from its gRPC status name."""
+    """The ``outcome`` label of a failed request from its gRPC status name (``ok`` marks the others): invalid (the
+    client's fault: INVALID_ARGUMENT, NOT_FOUND, RESOURCE_EXHAUSTED, FAILED_PRECONDITION), unavailable (model not
+    ready, server draining) or error (INTERNAL: the server's fault)."""
     if status_name == "UNAVAILABLE":
         return "unavailable"
     if status_name in ("INTERNAL", "UNKNOWN"):
