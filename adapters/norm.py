@@ -25,11 +25,6 @@ from .base import share_weights_copy
 DEFAULT_BN_MOMENTUM = 0.1
 
 
-def _channel(v: torch.Tensor) -> torch.Tensor:
-    """(C,) or (B, C) -> broadcastable against (B, C, H, W)."""
-    return v[..., None, None] if v.dim() == 2 else v[None, :, None, None]
-
-
 class _ReplacedBatchNorm(nn.Module):
     """Common part: borrow γ, β and the source statistics of the BatchNorm being replaced."""
 
@@ -44,12 +39,6 @@ class _ReplacedBatchNorm(nn.Module):
         self.bias = bn.bias
         self.register_buffer("running_mean", bn.running_mean)
         self.register_buffer("running_var", bn.running_var)
-
-    def _normalise(self, x: torch.Tensor, mean: torch.Tensor, var: torch.Tensor) -> torch.Tensor:
-        y = (x - _channel(mean)) * _channel(torch.rsqrt(var + self.eps))
-        if self.weight is not None:
-            y = y * _channel(self.weight) + _channel(self.bias)
-        return y
 
 
 class BatchStatNorm2d(_ReplacedBatchNorm):
@@ -74,11 +63,11 @@ class AlphaNorm2d(_ReplacedBatchNorm):
         self.alpha = 0.1
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        mean_t = x.mean(dim=(0, 2, 3))
-        var_t = x.var(dim=(0, 2, 3), unbiased=False)
+        var_t, mean_t = torch.var_mean(x, dim=(0, 2, 3), correction=0)
         mean = (1 - self.alpha) * self.running_mean + self.alpha * mean_t
         var = (1 - self.alpha) * self.running_var + self.alpha * var_t
-        return self._normalise(x, mean, var)
+        # Given explicit statistics, eval-mode batch_norm is just the fused normalisation (no gradients needed).
+        return F.batch_norm(x, mean, var, self.weight, self.bias, training=False, momentum=0.0, eps=self.eps)
 
 
 class UnMixNorm2d(_ReplacedBatchNorm):
@@ -131,19 +120,19 @@ def unmix_normalise(
     update: bool = True,
 ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
     """One UnMix-TNS layer as a function: returns the normalised ``x`` and the (updated) components."""
-    inst_mean = x.mean(dim=(2, 3))  # B×C
-    inst_var = x.var(dim=(2, 3), unbiased=False)
+    inst_var, inst_mean = torch.var_mean(x, dim=(2, 3), correction=0)  # B×C each
     with torch.no_grad():
-        similarity = F.cosine_similarity(inst_mean[:, None, :], means[None, :, :], dim=-1)  # B×K
+        similarity = F.normalize(inst_mean, dim=1) @ F.normalize(means, dim=1).T  # cosine, B×K
         p = torch.softmax(similarity / temperature, dim=1)[..., None]  # B×K×1
     mix_mean = (1 - p) * means + p * inst_mean[:, None, :]  # B×K×C
     mix_var = (1 - p) * variances + p * inst_var[:, None, :]
     # Law of total variance over the K mixed components.
-    mean = mix_mean.mean(dim=1)
-    var = mix_var.mean(dim=1) + mix_mean.var(dim=1, unbiased=False)
-    y = (x - _channel(mean)) * _channel(torch.rsqrt(var + eps))
+    spread, mean = torch.var_mean(mix_mean, dim=1, correction=0)
+    scale = torch.rsqrt(mix_var.mean(dim=1) + spread + eps)
     if weight is not None:
-        y = y * _channel(weight) + _channel(bias)
+        scale = scale * weight
+    shift = -mean * scale if bias is None else bias - mean * scale
+    y = torch.addcmul(shift[..., None, None], x, scale[..., None, None])  # one pass over x: x·scale + shift
     if not update:
         return y, (means, variances)
     with torch.no_grad():
