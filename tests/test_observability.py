@@ -13,9 +13,9 @@ import grpc
 import numpy as np
 import pytest
 import tritonclient.grpc as tc
+from support import start
 from tritonclient.utils import InferenceServerException
 
-from conftest import start
 from opskit.dashboard import load_dashboard, panel_queries, render
 from opskit.procs import Prometheus, prometheus, wait_until
 from opskit.traffic import infer, write_resnet
@@ -160,9 +160,10 @@ def test_model_engine_and_server_info(observed: Observed) -> None:
     prom = observed.prometheus
     assert prom.value('ttaserve_model_ready{model="resnet", version="1"}') == 1
     engines = prom.query("ttaserve_engine_info")
+    device = observed.server.repository.get("resnet").engine.device  # cpu here, cuda:0 on a GPU machine
     assert {(s["metric"]["model"], s["metric"]["engine"], s["metric"]["device"]) for s in engines} == {
-        ("resnet", "pytorch", "cpu"),
-        ("guarded", "pytorch", "cpu"),
+        ("resnet", "pytorch", device),
+        ("guarded", "pytorch", device),
     }
     assert prom.query("ttaserve_server_info")[0]["metric"]["torch"]
     assert prom.value("ttaserve_inflight_requests") == 0
