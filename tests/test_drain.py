@@ -58,3 +58,4 @@ def test_sigterm_drains_in_flight_requests_and_snapshots_sessions(tmp_path: Path
         assert "drained: 2 session snapshot(s)" in server.child.log.read_text()
     finally:
         server.child.kill()
+        print(server.child.log_tail())  # shown by pytest when the test failed
