@@ -92,8 +92,9 @@ class ServerHandle:
         self.metrics.close()
         self.repository.close()
 
-    def wait(self) -> None:
-        self._stopped.wait()
+    def wait(self, timeout_s: float | None = None) -> bool:
+        """True once the server has stopped; ``timeout_s`` bounds the wait."""
+        return self._stopped.wait(timeout_s)
 
 
 def start_server(settings: ServerSettings) -> ServerHandle:
@@ -200,4 +201,7 @@ def serve(settings: ServerSettings) -> None:
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
-    handle.wait()
+    # Wake up regularly: the kernel may hand SIGTERM to any of the process's threads, and Python runs the handler only
+    # when the main thread executes bytecode, which a wait without a timeout would not do until the server stopped.
+    while not handle.wait(timeout_s=0.5):
+        pass
