@@ -7,7 +7,10 @@ of served images/s divided by in-process images/s at the same batch size. Client
 camera sends); the server decodes and normalises them, the baseline gets already-normalised float32 (the model's
 cost alone), so the ratio charges the server for all of its work.
 
-    python benchmarks/bench_serving.py [--rounds 5] [--seconds 2]
+    python benchmarks/bench_serving.py [--rounds 5] [--seconds 2] [--engine onnx|torch-cuda]
+
+``--engine torch-cuda`` serves the PyTorch model on the GPU and compares with the same network's in-process CUDA
+forward (synchronised), for machines whose ONNX Runtime has no CUDA provider.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -51,12 +55,17 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def make_repository(root: Path, onnx_bytes: bytes) -> None:
+def make_repository(root: Path, onnx_bytes: bytes, state_dict: dict | None = None) -> None:
+    """One model: the ONNX export, or (``state_dict`` given) the PyTorch network."""
     model_dir = root / "resnet20"
     (model_dir / "1").mkdir(parents=True)
-    (model_dir / "1" / "model.onnx").write_bytes(onnx_bytes)
+    if state_dict is None:
+        (model_dir / "1" / "model.onnx").write_bytes(onnx_bytes)
+    else:
+        torch.save(state_dict, model_dir / "1" / "model.pt")
     config = {
-        "platform": "onnx",
+        "platform": "onnx" if state_dict is None else "pytorch",
+        **({} if state_dict is None else {"architecture": "cifar_resnet20"}),
         "input": {"height": 32, "width": 32, "channels": 3, "layout": "NHWC"},
         "preprocessing": {"mean": MEAN.ravel().tolist(), "std": STD.ravel().tolist()},
         "max_batch_size": 256,
@@ -65,7 +74,7 @@ def make_repository(root: Path, onnx_bytes: bytes) -> None:
     (model_dir / "config.yaml").write_text(yaml.safe_dump(config))
 
 
-def start_server(repo: Path, port: int) -> subprocess.Popen:
+def start_server(repo: Path, port: int, device: str) -> subprocess.Popen:
     command = [
         sys.executable,
         "-m",
@@ -78,7 +87,7 @@ def start_server(repo: Path, port: int) -> subprocess.Popen:
         "--host",
         "127.0.0.1",
         "--device",
-        "cpu",
+        device,
         "--metrics-port",
         str(free_port()),
     ]
@@ -95,15 +104,30 @@ def start_server(repo: Path, port: int) -> subprocess.Popen:
     raise RuntimeError(f"server did not start: {process.stderr.read().decode() if process.stderr else ''}")
 
 
-def run_in_process(session: ort.InferenceSession, batch: np.ndarray, seconds: float) -> Measurement:
+def onnx_forward(session: ort.InferenceSession) -> Callable[[np.ndarray], object]:
+    name = session.get_inputs()[0].name
+    return lambda x: session.run(None, {name: x})
+
+
+def cuda_forward(model: torch.nn.Module) -> Callable[[np.ndarray], object]:
+    """Host array in, logits back on the host: the same round trip the server makes."""
+    gpu = model.cuda().eval()
+
+    @torch.inference_mode()
+    def forward(x: np.ndarray) -> object:
+        return gpu(torch.from_numpy(x).cuda()).cpu()
+
+    return forward
+
+
+def run_in_process(forward: Callable[[np.ndarray], object], batch: np.ndarray, seconds: float) -> Measurement:
     x = ((batch.transpose(0, 3, 1, 2).astype(np.float32) / 255.0 - MEAN) / STD).astype(np.float32)
     x = np.ascontiguousarray(x)
-    name = session.get_inputs()[0].name
     latencies = []
     end = time.perf_counter() + seconds
     while time.perf_counter() < end:
         t0 = time.perf_counter()
-        session.run(None, {name: x})
+        forward(x)
         latencies.append((time.perf_counter() - t0) * 1000)
     total_s = sum(latencies) / 1000
     return Measurement(len(latencies) * len(batch) / total_s, latencies)
@@ -147,6 +171,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--seconds", type=float, default=2.0)
+    parser.add_argument("--engine", choices=("onnx", "torch-cuda"), default="onnx")
     args = parser.parse_args()
 
     model = build_architecture("cifar_resnet20")
@@ -158,6 +183,11 @@ def main() -> None:
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     session = ort.InferenceSession(onnx_bytes, options, providers=["CPUExecutionProvider"])
+    on_gpu = args.engine == "torch-cuda"
+    if on_gpu:
+        torch.backends.cudnn.allow_tf32 = False  # the server's deterministic default
+        torch.backends.cudnn.deterministic = True
+    forward = cuda_forward(model) if on_gpu else onnx_forward(session)
 
     rng = np.random.default_rng(0)
     scenarios = [(1, 1), (1, 4), (64, 1), (64, 4)]
@@ -167,14 +197,14 @@ def main() -> None:
     baseline: dict[int, list[Measurement]] = {1: [], 64: []}
 
     with tempfile.TemporaryDirectory() as tmp:
-        make_repository(Path(tmp), onnx_bytes)
+        make_repository(Path(tmp), onnx_bytes, model.state_dict() if on_gpu else None)
         port = free_port()
-        process = start_server(Path(tmp), port)
+        process = start_server(Path(tmp), port, "cuda" if on_gpu else "cpu")
         url = f"127.0.0.1:{port}"
         try:
             for _ in range(args.rounds):
                 for batch_size, clients in scenarios:
-                    reference = run_in_process(session, batches[batch_size], args.seconds)
+                    reference = run_in_process(forward, batches[batch_size], args.seconds)
                     measured = run_served(url, batches[batch_size], clients, args.seconds)
                     baseline[batch_size].append(reference)
                     served[(batch_size, clients)].append(measured)
@@ -183,8 +213,12 @@ def main() -> None:
             process.terminate()
             process.wait(timeout=30)
 
+    if on_gpu:
+        engine = f"PyTorch {torch.__version__} on {torch.cuda.get_device_name(0)}"
+    else:
+        engine = f"ONNX Runtime {ort.__version__} CPU"
     print(
-        f"ResNet-20 ({weights}), ONNX Runtime {ort.__version__} CPU, {os.cpu_count()} cores, "
+        f"ResNet-20 ({weights}), {engine}, {os.cpu_count()} cores, "
         f"{args.rounds} interleaved rounds of {args.seconds:.1f} s"
     )
     print(

@@ -101,6 +101,11 @@ def start_server(settings: ServerSettings) -> ServerHandle:
     logging.basicConfig(level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if settings.torch_threads:
         torch.set_num_threads(settings.torch_threads)
+    if settings.deterministic:
+        torch.backends.cudnn.deterministic = True
+        torch.backends.cudnn.benchmark = False
+        torch.backends.cudnn.allow_tf32 = False
+        torch.backends.cuda.matmul.allow_tf32 = False
     device = resolve_device(settings.device)
     log.info("device %s (torch %s, cuda available: %s)", device, torch.__version__, torch.cuda.is_available())
 

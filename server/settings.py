@@ -28,6 +28,10 @@ class ServerSettings(BaseSettings):
     max_message_mb: int = Field(default=256, gt=0, le=2047)
     #: threads that run RPCs
     workers: int = Field(default=16, gt=0, le=1024)
+    #: reproducible sessions on GPUs: deterministic cuDNN algorithms and full-fp32 (no TF32) convolutions and
+    #: matmuls, so a session gives the same outputs alone, interleaved with others, or resumed from a snapshot;
+    #: turn off for speed when that does not matter
+    deterministic: bool = True
     #: torch intra-op threads (0 = torch's default)
     torch_threads: int = Field(default=0, ge=0)
     #: live sessions kept before the least recently used is evicted

@@ -7,8 +7,8 @@ from collections.abc import Iterator
 import grpc
 import numpy as np
 import pytest
+from support import start
 
-from conftest import start
 from ttaserve.protocol import grpc_service_pb2_grpc
 from ttaserve.protocol import kserve_v2_pb2 as pb
 from ttaserve.server.codec import encode_bytes_elements

@@ -9,8 +9,8 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import torch
 import tritonclient.grpc as tc
+from support import normalise, seeded_resnet20
 
-from conftest import normalise, seeded_resnet20
 from ttaserve.server.batching import DynamicBatcher
 
 

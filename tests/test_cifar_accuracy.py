@@ -6,8 +6,8 @@ from pathlib import Path
 
 import numpy as np
 import tritonclient.grpc as tc
+from support import CIFAR_INPUT, CIFAR_LABELS, CIFAR_PREPROCESSING, RESNET20, requires_shared, start, write_model
 
-from conftest import CIFAR_INPUT, CIFAR_LABELS, CIFAR_PREPROCESSING, RESNET20, requires_shared, start, write_model
 from ttaserve.server.architectures import load_state_dict
 
 

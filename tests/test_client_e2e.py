@@ -126,7 +126,7 @@ def test_top_k(client: Client, images: np.ndarray) -> None:
 def test_batch_result_reports_what_ran(client: Client, images: np.ndarray) -> None:
     result = client.classify(images, strategy="tbn")
     assert (result.model, result.version, result.strategy) == (MODEL, "1", "tbn")
-    assert result.engine == "pytorch" and result.device == "cpu"
+    assert result.engine == "pytorch" and result.device == ("cuda" if torch.cuda.is_available() else "cpu")
     assert result.session_steps is None
 
 

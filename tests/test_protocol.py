@@ -13,9 +13,9 @@ import torch
 import tritonclient.grpc as tc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from PIL import Image
+from support import CIFAR_LABELS, normalise, seeded_resnet20
 from tritonclient.utils import InferenceServerException
 
-from conftest import CIFAR_LABELS, normalise, seeded_resnet20
 from ttaserve.server.app import ServerHandle
 
 

@@ -13,9 +13,9 @@ import numpy as np
 import pytest
 import torch
 import tritonclient.grpc as tc
+from support import CIFAR_INPUT, CIFAR_PREPROCESSING, seeded_resnet20, start, write_model
 from tritonclient.utils import InferenceServerException
 
-from conftest import CIFAR_INPUT, CIFAR_PREPROCESSING, seeded_resnet20, start, write_model
 from ttaserve.protocol import adaptation_pb2 as apb
 from ttaserve.protocol import adaptation_pb2_grpc
 from ttaserve.server.app import ServerHandle

@@ -8,8 +8,7 @@ from typing import Any
 
 import numpy as np
 import tritonclient.grpc as tc
-
-from conftest import CIFAR_INPUT, CIFAR_PREPROCESSING, seeded_resnet20, write_model
+from support import CIFAR_INPUT, CIFAR_PREPROCESSING, seeded_resnet20, write_model
 
 
 def write_resnet(repo: Path, name: str = "resnet", max_batch_size: int = 64, **sessions: Any) -> Path:
