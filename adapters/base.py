@@ -146,6 +146,11 @@ class Strategy(ABC):
     def description(cls) -> str:
         return (cls.__doc__ or cls.name).strip().splitlines()[0]
 
+    def variant(self, config: StrategyConfig) -> str:
+        """Which form of the method runs with ``config`` on this model (e.g. RMT with or without its source parts);
+        reported in responses. Most strategies have one form: their name."""
+        return self.name
+
     def make_config(self, **overrides: Any) -> StrategyConfig:
         return self.config_cls(**overrides)
 

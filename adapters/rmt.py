@@ -150,7 +150,7 @@ class RMT(Strategy):
         self._warm: dict[str, RMTState] = {}
         self._warm_lock = threading.Lock()
 
-    def variant(self, config: RMTConfig) -> str:
+    def variant(self, config: RMTConfig) -> str:  # type: ignore[override]
         """Which parts of RMT run with this config and this model's source data, e.g. ``sce+contrastive``."""
         parts = ["sce"]
         if self._source is not None:

@@ -38,6 +38,7 @@ log = logging.getLogger(__name__)
 @dataclass
 class RunResult:
     logits: np.ndarray
+    variant: str = ""
     stats: dict[str, float] = field(default_factory=dict)
     queue_ns: int = 0
     infer_ns: int = 0
@@ -122,7 +123,7 @@ class Pipeline:
         logits = step.logits.detach().float().cpu().numpy()
         infer_ns = time.perf_counter_ns() - start
         model.statistics.record_execution(len(logits), infer_ns)
-        return RunResult(logits, stats=step.stats, infer_ns=infer_ns)
+        return RunResult(logits, stats=step.stats, infer_ns=infer_ns, variant=strategy.variant(parsed.settings))
 
     def _run_session(
         self, model: LoadedModel, parsed: ParsedRequest, request: SessionRequest, caller: str
@@ -170,6 +171,7 @@ class Pipeline:
             infer_ns=infer_ns,
             session_steps=steps,
             session_event=event,
+            variant=strategy.variant(session.settings),
         )
 
     def _open_session(
@@ -314,6 +316,8 @@ def build_response(
     params = response.parameters
     set_parameter(params["tta_strategy"], parsed.strategy)
     set_parameter(params["tta_settings"], settings_json(parsed.settings))
+    if result.variant:
+        set_parameter(params["tta_variant"], result.variant)
     for name, value in result.stats.items():
         set_parameter(params[f"tta_{name}"], float(value))
     if result.session_steps is not None:
