@@ -1,0 +1,37 @@
+"""Server settings: file < environment < flags, and invalid values fail at start with the field named."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from pydantic import ValidationError
+
+from ttaserve.server.settings import ServerSettings
+
+
+def test_precedence_file_env_flags(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    config = tmp_path / "settings.yaml"
+    config.write_text("grpc_port: 9000\nmetrics_port: 9001\nworkers: 4\n")
+    assert ServerSettings.from_sources(config).grpc_port == 9000
+    monkeypatch.setenv("TTASERVE_GRPC_PORT", "9100")
+    settings = ServerSettings.from_sources(config)
+    assert (settings.grpc_port, settings.metrics_port, settings.workers) == (9100, 9001, 4)
+    assert ServerSettings.from_sources(config, grpc_port=9200, workers=None).grpc_port == 9200
+
+
+@pytest.mark.parametrize(
+    ("overrides", "field"),
+    [({"device": "tpu"}, "device"), ({"grpc_port": 70000}, "grpc_port"), ({"max_sessions": 0}, "max_sessions")],
+)
+def test_invalid_values_name_the_field(overrides: dict, field: str) -> None:
+    with pytest.raises(ValidationError) as excinfo:
+        ServerSettings.from_sources(None, **overrides)
+    assert field in str(excinfo.value)
+
+
+def test_unknown_setting_in_file(tmp_path: Path) -> None:
+    config = tmp_path / "settings.yaml"
+    config.write_text("grpc_prot: 9000\n")
+    with pytest.raises(ValidationError, match="grpc_prot"):
+        ServerSettings.from_sources(config)
