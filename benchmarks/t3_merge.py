@@ -20,8 +20,8 @@ import numpy as np
 import torch
 
 from ttaserve.adapters import Adapter, StrategyContext
+from ttaserve.evaluation.corruptions import corrupt_images
 from ttaserve.server.architectures import load_model
-from ttaserve.server.corruption import corrupt_images
 from ttaserve.server.training import CIFAR_MEAN, CIFAR_STD, Normalizer, set_threads, to_nchw
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"

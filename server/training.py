@@ -233,7 +233,7 @@ def train_default_model(args: argparse.Namespace) -> float:
 
 def finetune_expert(args: argparse.Namespace) -> tuple[float, float]:
     """Fine-tune a copy of ``--base`` on corrupted training images; returns (generalist, expert) held-out error."""
-    from .corruption import corrupt_images
+    from ttaserve.evaluation.corruptions import corrupt_images
 
     set_threads(args.threads)
     torch.manual_seed(args.seed)

@@ -29,10 +29,10 @@ from tritonclient.utils import InferenceServerException
 
 from opskit.dashboard import load_dashboard, render
 from opskit.procs import prometheus
+from ttaserve.evaluation.corruptions import corrupt_images
 from ttaserve.protocol import adaptation_pb2 as apb
 from ttaserve.protocol import adaptation_pb2_grpc
 from ttaserve.server.app import start_server
-from ttaserve.server.corruption import corrupt_images
 from ttaserve.server.fashion_mnist import load_split
 from ttaserve.server.repository import DEFAULT_REPOSITORY
 from ttaserve.server.settings import ServerSettings
