@@ -131,7 +131,8 @@ class _MergeStrategy(Strategy):
     @torch.inference_mode()
     def step(self, state: AdapterState, x: torch.Tensor, config: StrategyConfig) -> Step:
         assert isinstance(config, T3Config)
-        js = js_divergence(self._run(self._generalist, x), self._run(self._expert, x))
+        # This thread's copy holds the generalist's own tensors: a plain (eval-mode) forward, no parameter swapping.
+        js = js_divergence(self._module.get()(x), self._run(self._expert, x))
         lam, logits = self._merge_and_predict(js, x, config)
         stats = {
             "lambda": float(lam.mean()),
@@ -176,4 +177,8 @@ class T3Batch(_MergeStrategy):
         self, js: torch.Tensor, x: torch.Tensor, config: T3Config
     ) -> tuple[torch.Tensor, torch.Tensor]:
         lam = merge_coefficient(js.mean(), config)
-        return lam.expand(len(x)), self._run(self._merged(lam), x)
+        names = list(self._generalist)
+        expert = [self._expert[k] for k in names]
+        # One fused pass over all tensors: θ_e + λ(θ_g − θ_e), instead of a kernel per tensor.
+        merged = torch._foreach_lerp(expert, [self._generalist[k] for k in names], float(lam))
+        return lam.expand(len(x)), self._run(dict(zip(names, merged, strict=True)), x)

@@ -1,9 +1,10 @@
-"""Cost per batch of each BN-based adaptation strategy relative to ``none`` (plain inference), on ResNet-20.
+"""Cost per batch of each adaptation strategy relative to ``none`` (plain inference), on ResNet-20.
 
 For each batch size, every strategy adapts its own stream of the same batch; each round times ``none`` and then
 every strategy once, in that order, and the reported ratio is the median over rounds of (strategy time / ``none``
 time in the same round), so machine-load drift cancels. Uses the shared pretrained checkpoint when
-``../shared`` is beside the repo, else random weights (the cost is the same).
+``../shared`` is beside the repo, else random weights (the cost is the same). T3's expert is the model with
+perturbed weights (a stand-in for a fine-tuned copy: the cost does not depend on the values).
 
     python benchmarks/bench_strategies.py [--rounds 7] [--batch-sizes 1 64 200] [--device cpu]
 """
@@ -11,6 +12,7 @@ time in the same round), so machine-load drift cancels. Uses the shared pretrain
 from __future__ import annotations
 
 import argparse
+import copy
 import statistics
 import time
 from pathlib import Path
@@ -31,6 +33,8 @@ STRATEGIES: dict[str, tuple[str, dict[str, Any]]] = {
     "tent+unmix": ("tent", {"norm": "unmix_tns"}),
     "rmt": ("rmt", {}),
     "rmt+unmix": ("rmt", {"norm": "unmix_tns"}),
+    "t3": ("t3", {}),
+    "t3_batch": ("t3_batch", {}),
 }
 
 
@@ -39,6 +43,14 @@ def _model(device: torch.device) -> tuple[nn.Module, str]:
         return load_model("cifar_resnet20", CHECKPOINT).to(device), "pretrained"
     torch.manual_seed(0)
     return build_architecture("cifar_resnet20").eval().to(device), "random weights"
+
+
+def _perturbed(model: nn.Module) -> nn.Module:
+    expert = copy.deepcopy(model)
+    with torch.no_grad():
+        for parameter in expert.parameters():
+            parameter.add_(0.01 * torch.randn_like(parameter))
+    return expert
 
 
 def _timed(adapter: Adapter, x: torch.Tensor, device: torch.device) -> float:
@@ -54,7 +66,7 @@ def _timed(adapter: Adapter, x: torch.Tensor, device: torch.device) -> float:
 def bench(batch_size: int, rounds: int, model: nn.Module, device: torch.device) -> dict[str, tuple[float, float]]:
     """name -> (median seconds per batch, median ratio to ``none``)."""
     x = torch.randn(batch_size, 3, 32, 32, generator=torch.Generator().manual_seed(batch_size)).to(device)
-    context = StrategyContext(device=device)
+    context = StrategyContext(partner=_perturbed(model), device=device)
     adapters = {"none": Adapter("none", model, context)}
     adapters.update({label: Adapter(name, model, context, **s) for label, (name, s) in STRATEGIES.items()})
     for adapter in adapters.values():  # warm-up: lazy per-thread copies, allocator, kernels
