@@ -1,8 +1,8 @@
-"""The ``ttaserve`` command: run a server, classify images, list models and strategies, export to ONNX.
+"""The ``ttaserve`` command: run a server, classify images, list models and strategies, export to ONNX, evaluate.
 
-The client commands need only the SDK; ``serve`` and ``export-onnx`` import the server package (torch) when they
-run, so ``ttaserve classify`` stays fast and works with the base install. Failures print one line to stderr and
-exit 1 — no tracebacks for a wrong URL or a bad image.
+The client commands need only the SDK; ``serve``, ``export-onnx`` and ``eval`` import the server package (torch)
+when they run, so ``ttaserve classify`` stays fast and works with the base install. Failures print one line to
+stderr and exit 1 — no tracebacks for a wrong URL or a bad image.
 """
 
 from __future__ import annotations
@@ -92,6 +92,9 @@ def _build_parser() -> argparse.ArgumentParser:
     export.add_argument("--opset", type=int, default=17)
     export.add_argument("--sample", type=Path, default=None, help=".npz with 'x' uint8 NHWC: real parity inputs")
     export.add_argument("--rtol", type=float, default=1e-4, help="largest relative logit difference")
+
+    # Its options live in ttaserve.evaluation.cli (imported only when it runs); 'ttaserve eval --help' lists them.
+    commands.add_parser("eval", add_help=False, help="run the TTA benchmark protocols (needs ttaserve[eval])")
     return parser
 
 
@@ -180,6 +183,12 @@ def _strategies(args: argparse.Namespace) -> int:
     return 0
 
 
+def _eval(args: argparse.Namespace) -> int:
+    from ttaserve.evaluation.cli import main as evaluation_main
+
+    return evaluation_main(args.eval_args)
+
+
 def _export_onnx(args: argparse.Namespace) -> int:
     from ttaserve.server.export_command import run_export
 
@@ -196,17 +205,24 @@ _COMMANDS = {
     "models": _models,
     "strategies": _strategies,
     "export-onnx": _export_onnx,
+    "eval": _eval,
 }
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = _build_parser().parse_args(argv)
+    parser = _build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if args.command == "eval":
+        args.eval_args = extra  # parsed by ttaserve.evaluation.cli
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     try:
         return _COMMANDS[args.command](args)
     except KeyboardInterrupt:
         return 130
     except ImportError as exc:
-        hint = "the server commands need 'pip install ttaserve[server]'"
+        extra = "eval" if args.command == "eval" else "server"
+        hint = f"the {extra} commands need 'pip install ttaserve[{extra}]'"
         print(f"ttaserve {args.command}: {exc} ({hint})", file=sys.stderr)
         return 1
     except Exception as exc:  # the CLI's contract: one line, no traceback

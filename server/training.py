@@ -231,10 +231,19 @@ def train_default_model(args: argparse.Namespace) -> float:
 # finetune-expert
 
 
-def finetune_expert(args: argparse.Namespace) -> tuple[float, float]:
-    """Fine-tune a copy of ``--base`` on corrupted training images; returns (generalist, expert) held-out error."""
+def corrupt_family(images: np.ndarray, names: Sequence[str], severity: int, seed: int) -> np.ndarray:
+    """An expert's training domain: image ``i`` gets corruption ``names[i % len(names)]`` (one name: all of them), so
+    a family expert (e.g. ``gaussian_noise,shot_noise,impulse_noise``) sees each member equally often."""
     from ttaserve.evaluation.corruptions import corrupt_images
 
+    out = np.empty_like(images)
+    for i, name in enumerate(names):
+        out[i :: len(names)] = corrupt_images(images[i :: len(names)], name, severity, seed=seed + i)
+    return out
+
+
+def finetune_expert(args: argparse.Namespace) -> tuple[float, float]:
+    """Fine-tune a copy of ``--base`` on corrupted training images; returns (generalist, expert) held-out error."""
     set_threads(args.threads)
     torch.manual_seed(args.seed)
     with np.load(args.data) as data:
@@ -246,7 +255,7 @@ def finetune_expert(args: argparse.Namespace) -> tuple[float, float]:
     if len(train_idx) == 0:
         raise ValueError(f"--holdout {args.holdout} leaves no training images out of {len(order)}")
     print(f"corrupting {len(order)} images with {args.corruption} severity {args.severity} (seed {args.seed})")
-    corrupted = to_nchw(corrupt_images(images[order], args.corruption, args.severity, seed=args.seed))
+    corrupted = to_nchw(corrupt_family(images[order], args.corruption.split(","), args.severity, args.seed))
     held_x, train_x = corrupted[: len(holdout)], corrupted[len(holdout) :]
     held_y, train_y = torch.from_numpy(labels[holdout]), torch.from_numpy(labels[train_idx])
     normalize = Normalizer(args.mean, args.std)
@@ -293,7 +302,9 @@ def _parser() -> argparse.ArgumentParser:
         "--architecture-args", type=yaml.safe_load, default={}, help="YAML mapping, e.g. '{in_channels: 3}'"
     )
     expert.add_argument("--data", type=Path, required=True, help=".npz with x uint8 (N, H, W, 3) and y")
-    expert.add_argument("--corruption", required=True)
+    expert.add_argument(
+        "--corruption", required=True, help="a corruption, or several comma-separated (a family) in equal shares"
+    )
     expert.add_argument("--severity", type=int, default=5)
     expert.add_argument("--out", type=Path, required=True, help="where to write the expert's state dict")
     expert.add_argument("--mean", type=float, nargs="+", default=CIFAR_MEAN)
