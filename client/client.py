@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable, Mapping
-from pathlib import Path
 from types import TracebackType
 from typing import Any
 
@@ -12,11 +11,9 @@ import grpc
 
 from ttaserve.protocol import adaptation_pb2 as apb
 from ttaserve.protocol import kserve_v2_pb2 as pb
-from ttaserve.protocol.adaptation_pb2_grpc import AdaptationStub
-from ttaserve.protocol.grpc_service_pb2_grpc import GRPCInferenceServiceStub
 
 from . import codec
-from .core import DEFAULT_URL, ClientCore
+from .core import ClientBase
 from .errors import NotFound, from_rpc_error
 from .results import BatchResult, ModelEntry, ModelMetadata, SessionInfo, Snapshot, Strategy
 from .session import SessionCore
@@ -24,38 +21,10 @@ from .session import SessionCore
 Settings = Mapping[str, bool | int | float | str]
 
 
-class Client:
+class Client(ClientBase):
     """``Client("localhost:8001").classify(images)``; thread-safe (one channel, many concurrent calls)."""
 
-    def __init__(
-        self,
-        url: str = DEFAULT_URL,
-        *,
-        timeout_s: float | None = None,
-        tls: bool = False,
-        root_certificates: bytes | str | Path | None = None,
-        caller: str | None = None,
-        max_message_mb: int = 256,
-    ) -> None:
-        self._core = ClientCore(
-            url,
-            timeout_s=timeout_s,
-            tls=tls,
-            root_certificates=root_certificates,
-            caller=caller,
-            max_message_mb=max_message_mb,
-        )
-        core = self._core
-        if core.credentials is not None:
-            self._channel = grpc.secure_channel(core.target, core.credentials, options=core.options)
-        else:
-            self._channel = grpc.insecure_channel(core.target, options=core.options)
-        self._inference = GRPCInferenceServiceStub(self._channel)
-        self._adaptation = AdaptationStub(self._channel)
-
-    @property
-    def caller(self) -> str | None:
-        return self._core.caller
+    _channels = grpc
 
     def _call(
         self,

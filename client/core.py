@@ -8,8 +8,13 @@ worth caching per client: the server's only model (for ``model=None``) and each 
 from __future__ import annotations
 
 from pathlib import Path
+from types import ModuleType
+from typing import ClassVar
 
 import grpc
+
+from ttaserve.protocol.adaptation_pb2_grpc import AdaptationStub
+from ttaserve.protocol.grpc_service_pb2_grpc import GRPCInferenceServiceStub
 
 from .codec import InputTarget, call_metadata, channel_options, channel_target, read_certificates
 
@@ -44,3 +49,39 @@ class ClientCore:
     def metadata(self, session: tuple[tuple[str, str], ...] | None = None) -> tuple[tuple[str, str], ...]:
         """A session's metadata (caller plus routing key) or, outside sessions, just the caller."""
         return session if session is not None else call_metadata(self.caller)
+
+
+class ClientBase:
+    """What ``Client`` and ``AsyncClient`` share: settings, the channel and the two service stubs. ``_channels`` is
+    the module whose ``secure_channel`` / ``insecure_channel`` make the channel (``grpc`` or ``grpc.aio``)."""
+
+    _channels: ClassVar[ModuleType] = grpc
+
+    def __init__(
+        self,
+        url: str = DEFAULT_URL,
+        *,
+        timeout_s: float | None = None,
+        tls: bool = False,
+        root_certificates: bytes | str | Path | None = None,
+        caller: str | None = None,
+        max_message_mb: int = 256,
+    ) -> None:
+        core = self._core = ClientCore(
+            url,
+            timeout_s=timeout_s,
+            tls=tls,
+            root_certificates=root_certificates,
+            caller=caller,
+            max_message_mb=max_message_mb,
+        )
+        if core.credentials is not None:
+            self._channel = self._channels.secure_channel(core.target, core.credentials, options=core.options)
+        else:
+            self._channel = self._channels.insecure_channel(core.target, options=core.options)
+        self._inference = GRPCInferenceServiceStub(self._channel)
+        self._adaptation = AdaptationStub(self._channel)
+
+    @property
+    def caller(self) -> str | None:
+        return self._core.caller
