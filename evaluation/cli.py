@@ -71,11 +71,15 @@ def build_parser() -> argparse.ArgumentParser:
     t3.add_argument("--expert-epochs", type=float, default=2.0)
     out = parser.add_argument_group("output")
     out.add_argument("--out", type=Path, default=Path("eval-results"), help="results.json, results.md, plots")
+    out.add_argument("--plot-dir", type=Path, default=None, help="where the PNG plots go (default: --out)")
     out.add_argument("--plot-prefix", default="", help="prefix of the PNG file names")
     out.add_argument("--smooth", type=int, default=1, help="moving average (batches) of the running-error plot")
     out.add_argument("--no-plots", action="store_true")
     out.add_argument("--no-progress", action="store_true")
     out.add_argument("--prepare-only", action="store_true", help="write the model repository (and experts), exit")
+    out.add_argument(
+        "--report", type=Path, default=None, help="re-render tables and plots from a results.json, run nothing"
+    )
     return parser
 
 
@@ -102,8 +106,8 @@ def _overrides(items: Sequence[str]) -> dict[str, dict[str, bool | int | float |
     return overrides
 
 
-def _repository(args: argparse.Namespace, cache_dir: Path) -> tuple[Path, str]:
-    """The repository and model to evaluate: given, or written for the data set."""
+def _repository(args: argparse.Namespace, cache_dir: Path) -> tuple[Path | None, str]:
+    """The repository and model to evaluate: given, written for the data set, or (None) the server's at --url."""
     if args.model_repository is not None:
         if args.model is None:
             raise ValueError("--model-repository needs --model")
@@ -117,6 +121,8 @@ def _repository(args: argparse.Namespace, cache_dir: Path) -> tuple[Path, str]:
         return root, args.model or CIFAR_MODEL
     if args.data == "fashion-mnist":
         return FASHION_REPOSITORY, args.model or FASHION_MODEL
+    if args.url is not None and args.model is not None:
+        return None, args.model
     raise ValueError(f"--data {args.data}: a folder needs --model-repository and --model (or --url and --model)")
 
 
@@ -132,10 +138,13 @@ def _load_data(args: argparse.Namespace, backend: Backend) -> ImageSet:
 
 
 @contextlib.contextmanager
-def _backend(args: argparse.Namespace, repository: Path, model: str) -> Iterator[Backend]:
-    if args.url is None and not args.serve:
-        yield InProcessBackend(repository, model)
-        return
+def _backend(args: argparse.Namespace, repository: Path | None, model: str) -> Iterator[Backend]:
+    if args.url is None:
+        if repository is None:
+            raise ValueError("--in-process and --serve need a model repository (--model-repository)")
+        if not args.serve:
+            yield InProcessBackend(repository, model)
+            return
     handle = None
     url = args.url
     if args.serve:
@@ -170,6 +179,7 @@ def run(args: argparse.Namespace, command: str = "") -> Report | None:
     checkpoint = args.shared / "models" / "cifar10" / "resnet20-12fca82f.th"
     train = args.shared / "data" / "cifar10" / "train10k.npz"
     for family in families:
+        assert repository is not None  # CIFAR-10 always has one
         expert = ensure_expert(family, args.severity, args.seed, checkpoint, train, cache_dir, args.expert_epochs)
         t3_models[family] = add_t3_models(repository, family, expert)
     if args.prepare_only:
@@ -205,14 +215,14 @@ def write_outputs(report: Report, args: argparse.Namespace) -> list[Path]:
     (args.out / "results.md").write_text(markdown(report))
     written = [args.out / "results.json", args.out / "results.md"]
     if not args.no_plots:
-        written += plots.plot_report(report, args.out, args.plot_prefix, args.smooth)
+        written += plots.plot_report(report, args.plot_dir or args.out, args.plot_prefix, args.smooth)
     return written
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
-    report = run(args, shlex.join(["ttaserve", "eval", *argv]))
+    report = Report.load(args.report) if args.report else run(args, shlex.join(["ttaserve", "eval", *argv]))
     if report is None:
         return 0
     written = write_outputs(report, args)

@@ -92,8 +92,8 @@ def running_error(result: ProtocolResult, path: Path, smooth_batches: int = 1) -
     axes.set_ylabel("batch top-1 error (%)")
     axes.grid(axis="y", alpha=0.3)
     smoothing = f", moving average over {smooth_batches} batches" if smooth_batches > 1 else ""
-    title = f"{result.description}: error of each batch of {result.batch_size} along the stream{smoothing}"
-    axes.set_title(title, fontsize=9, pad=48 if result.domain_starts else 6)
+    title = f"{result.name}: error of each batch of {result.batch_size} along the stream{smoothing}"
+    axes.set_title(title, fontsize=9, pad=64 if result.domain_starts else 6)
     axes.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.0, 1.0), frameon=False)
     return _save(figure, path)
 

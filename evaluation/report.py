@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+from .corruptions import CLEAN
 from .results import ProtocolResult, Report
 
 
@@ -61,9 +62,11 @@ def timing_table(results: Sequence[ProtocolResult]) -> str:
 def describe(report: Report) -> str:
     meta = report.meta
     corruptions = ", ".join(meta["corruptions"])
+    if set(meta["corruptions"]) != {CLEAN}:
+        corruptions += f"; severity {meta['severity']}, {meta['constants']} constants"
     lines = [
         f"- data: {meta['data']} ({meta['data_images']} images), {meta['images_per_domain']} images per domain",
-        f"- domains: {corruptions}; severity {meta['severity']}, {meta['constants']} constants",
+        f"- domains: {corruptions}",
         f"- model: {meta['model']}; backend: {meta['backend']}; {meta['cpu_count']} CPU cores",
     ]
     if meta.get("skipped_files"):
