@@ -1,13 +1,17 @@
 #!/usr/bin/env bash
 # The runs behind docs/results.md: JSON and markdown tables into docs/results/<run>/, plots into docs/img/.
 # Needs ../shared (CIFAR-10 test and training images, the pretrained ResNet-20) and Debian's dataset-fashion-mnist.
+# Usage: scripts/eval_results.sh [run name...]   (all runs by default)
 # Corrupted sets and T3 experts are cached in ~/.cache/ttaserve (TTASERVE_CACHE to move it).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 . .venv/bin/activate
+# With run names as arguments (continual protocols sweep t3 cifar10c fashion), only those run.
+selected=" $* "
 run() {  # run <name> <ttaserve eval arguments...>
   local name=$1
   shift
+  if [[ "$selected" != "  " && "$selected" != *" $name "* ]]; then return 0; fi
   echo "== $name: ttaserve eval $*"
   /usr/bin/time -f "$name: %e s wall" ttaserve eval "$@" --out "docs/results/$name" --plot-dir docs/img \
     --plot-prefix "$name-" --no-progress >/dev/null
