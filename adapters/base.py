@@ -22,7 +22,7 @@ import threading
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Generic, TypeVar
 
 import torch
 from pydantic import BaseModel, ConfigDict
@@ -163,7 +163,10 @@ class Strategy(ABC):
         """Adapt on and predict one batch ``x`` (N, C, H, W), normalised, on the context's device."""
 
 
-class ThreadLocalModule:
+ModuleT = TypeVar("ModuleT", bound=nn.Module)
+
+
+class ThreadLocalModule(Generic[ModuleT]):
     """Per-thread structural copies of a module that share the original's parameters and buffers.
 
     Strategies that replace layers or swap parameters in (``torch.func.functional_call``) temporarily change a
@@ -171,11 +174,11 @@ class ThreadLocalModule:
     copying any weights.
     """
 
-    def __init__(self, build: Callable[[], nn.Module]) -> None:
+    def __init__(self, build: Callable[[], ModuleT]) -> None:
         self._build = build
         self._local = threading.local()
 
-    def get(self) -> nn.Module:
+    def get(self) -> ModuleT:
         module = getattr(self._local, "module", None)
         if module is None:
             module = self._build()

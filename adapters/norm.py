@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .base import share_weights_copy
+from .moments import channel_moments, has_fast_moments, instance_moments, prefers_separate_moments
 
 #: BatchNorm's default momentum, used for UnMix-TNS when a layer has ``momentum=None`` (cumulative average).
 DEFAULT_BN_MOMENTUM = 0.1
@@ -49,6 +50,9 @@ class BatchStatNorm2d(_ReplacedBatchNorm):
         super().__init__(bn, needs_source_stats=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if prefers_separate_moments(x):  # no gradient through the statistics: moments, then the fused normalisation
+            var, mean = channel_moments(x, self.eps)
+            return F.batch_norm(x, mean, var, self.weight, self.bias, training=False, momentum=0.0, eps=self.eps)
         return F.batch_norm(x, None, None, self.weight, self.bias, training=True, momentum=0.0, eps=self.eps)
 
 
@@ -63,24 +67,11 @@ class AlphaNorm2d(_ReplacedBatchNorm):
         self.alpha = 0.1
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        var_t, mean_t = batch_moments(x, self.eps)
-        mean = (1 - self.alpha) * self.running_mean + self.alpha * mean_t
-        var = (1 - self.alpha) * self.running_var + self.alpha * var_t
+        var_t, mean_t = channel_moments(x, self.eps)
+        mean = torch.lerp(self.running_mean, mean_t, self.alpha)
+        var = torch.lerp(self.running_var, var_t, self.alpha)
         # Given explicit statistics, eval-mode batch_norm is just the fused normalisation (no gradients needed).
         return F.batch_norm(x, mean, var, self.weight, self.bias, training=False, momentum=0.0, eps=self.eps)
-
-
-def batch_moments(x: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-channel biased variance and mean of ``x`` over (N, H, W).
-
-    Without autograd, BatchNorm's own fused training kernel computes them about twice as fast on the CPU as
-    ``torch.var_mean`` over three dimensions (its normalised output is discarded; the variance comes back from
-    ``invstd = 1/sqrt(var + eps)``). With autograd the plain reduction keeps gradients flowing through the moments.
-    """
-    if torch.is_grad_enabled() and x.requires_grad:
-        return torch.var_mean(x, dim=(0, 2, 3), correction=0)
-    _, mean, invstd = torch.native_batch_norm(x, None, None, None, None, True, 0.0, eps)
-    return invstd.pow(-2) - eps, mean
 
 
 class UnMixNorm2d(_ReplacedBatchNorm):
@@ -132,27 +123,58 @@ def unmix_normalise(
     reference_batch: int,
     update: bool = True,
 ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
-    """One UnMix-TNS layer as a function: returns the normalised ``x`` and the (updated) components."""
-    inst_var, inst_mean = torch.var_mean(x, dim=(2, 3), correction=0)  # B×C each
+    """One UnMix-TNS layer as a function: returns the normalised ``x`` and the (updated) components.
+
+    The K mixed components of sample b, (1−p_bk)·μ_k + p_bk·μ̃_b, enter only through their mean and spread over k,
+    which are computed in closed form with K-contractions (the softmax rows sum to one) instead of materialising
+    B×K×C tensors; around the components' centre, so that the second-moment difference stays well conditioned.
+    """
+    inst_var, inst_mean = instance_moments(x)  # B×C each
+    num = means.shape[0]
     with torch.no_grad():
         similarity = F.normalize(inst_mean, dim=1) @ F.normalize(means, dim=1).T  # cosine, B×K
-        p = torch.softmax(similarity / temperature, dim=1)[..., None]  # B×K×1
-    mix_mean = (1 - p) * means + p * inst_mean[:, None, :]  # B×K×C
-    mix_var = (1 - p) * variances + p * inst_var[:, None, :]
-    # Law of total variance over the K mixed components.
-    spread, mean = torch.var_mean(mix_mean, dim=1, correction=0)
-    scale = torch.rsqrt(mix_var.mean(dim=1) + spread + eps)
-    if weight is not None:
-        scale = scale * weight
-    shift = -mean * scale if bias is None else bias - mean * scale
-    y = torch.addcmul(shift[..., None, None], x, scale[..., None, None])  # one pass over x: x·scale + shift
+        p = torch.softmax(similarity / temperature, dim=1)  # B×K, rows sum to one
+        q = 1 - p
+        centre = means.mean(dim=0)
+        centred = means - centre  # K×C, sums to zero over k
+    inst = inst_mean - centre
+    mean = (inst - p @ centred) / num
+    second = (q * q) @ centred.square() + 2 * ((p * q) @ centred) * inst + (p * p).sum(1, keepdim=True) * inst.square()
+    spread = (second / num - mean.square()).clamp_min(0.0)  # law of total variance: between-component part
+    var = (variances.sum(dim=0) - p @ variances + inst_var) / num + spread
+    y = _normalise_per_sample(x, mean + centre, var, weight, bias, eps)
     if not update:
         return y, (means, variances)
     with torch.no_grad():
         m = 1 - (1 - momentum) ** (x.shape[0] / reference_batch)
-        new_means = means + m * (p * (inst_mean.detach()[:, None, :] - means)).mean(dim=0)
-        new_vars = variances + m * (p * (inst_var.detach()[:, None, :] - variances)).mean(dim=0)
+        weight_sum = p.sum(dim=0)[:, None]  # K×1
+        rate = m / x.shape[0]
+        new_means = means + rate * (p.T @ inst_mean.detach() - weight_sum * means)
+        new_vars = variances + rate * (p.T @ inst_var.detach() - weight_sum * variances)
     return y, (new_means, new_vars)
+
+
+def _normalise_per_sample(
+    x: torch.Tensor,
+    mean: torch.Tensor,
+    var: torch.Tensor,
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    eps: float,
+) -> torch.Tensor:
+    """γ(x − μ_bc)/√(σ²_bc + ε) + β with statistics per sample and channel (B×C)."""
+    if has_fast_moments(x) and not mean.requires_grad:
+        # No gradient needed: the fused eval-mode BatchNorm kernel, seeing each (sample, channel) as a channel.
+        b, c = x.shape[:2]
+        flat = x.reshape(1, b * c, *x.shape[2:])
+        w = None if weight is None else weight.expand(b, c).reshape(-1)
+        shift = None if bias is None else bias.expand(b, c).reshape(-1)
+        return F.batch_norm(flat, mean.reshape(-1), var.reshape(-1), w, shift, False, 0.0, eps).view_as(x)
+    scale = torch.rsqrt(var + eps)
+    if weight is not None:
+        scale = scale * weight
+    shift = -mean * scale if bias is None else bias - mean * scale
+    return torch.addcmul(shift[..., None, None], x, scale[..., None, None])  # one pass over x: x·scale + shift
 
 
 def init_unmix_components(

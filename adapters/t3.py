@@ -31,12 +31,14 @@ prediction does not depend on the rest of its batch.
 
 ``t3`` merges per sample: ``torch.func.vmap`` over ``functional_call`` with each sample's own λ, so the
 per-sample weights exist only ``chunk_size`` samples at a time (memory ≈ chunk_size × parameters). ``t3_batch``
-takes one λ from the batch's mean JS, merges once and runs one ordinary forward: the cheap variant. Both cost
-three forwards per batch, keep no state and compute no gradients; the shared models are only read.
+takes one λ from the batch's mean JS, merges once into a serving thread's own copy of the model (two fused passes
+over the weights, in place; memory: one model per serving thread) and runs one ordinary forward: the cheap variant.
+Both cost three forwards per batch, keep no state and compute no gradients; the shared models are only read.
 """
 
 from __future__ import annotations
 
+import copy
 import math
 from abc import abstractmethod
 
@@ -117,6 +119,7 @@ class _MergeStrategy(Strategy):
         self._expert = {k: expert[k].detach() for k in self._generalist}
         self._fixed = {k: v.detach() for k, v in generalist.items() if not v.is_floating_point()}
         self._module = ThreadLocalModule(lambda: share_weights_copy(model).eval())
+        self._expert_module = ThreadLocalModule(lambda: share_weights_copy(partner).eval())
 
     def init_state(self, config: StrategyConfig) -> AdapterState:
         return AdapterState()
@@ -132,7 +135,7 @@ class _MergeStrategy(Strategy):
     def step(self, state: AdapterState, x: torch.Tensor, config: StrategyConfig) -> Step:
         assert isinstance(config, T3Config)
         # This thread's copy holds the generalist's own tensors: a plain (eval-mode) forward, no parameter swapping.
-        js = js_divergence(self._module.get()(x), self._run(self._expert, x))
+        js = js_divergence(self._module.get()(x), self._expert_module.get()(x))
         lam, logits = self._merge_and_predict(js, x, config)
         stats = {
             "lambda": float(lam.mean()),
@@ -173,12 +176,33 @@ class T3Batch(_MergeStrategy):
 
     name = "t3_batch"
 
+    def __init__(self, model: nn.Module, context: StrategyContext | None = None) -> None:
+        super().__init__(model, context)
+        names = list(self._generalist)
+        self._expert_list = [self._expert[k] for k in names]
+        self._generalist_list = [self._generalist[k] for k in names]
+        self._merged = ThreadLocalModule(lambda: _MergedCopy(model, names))
+
     def _merge_and_predict(
         self, js: torch.Tensor, x: torch.Tensor, config: T3Config
     ) -> tuple[torch.Tensor, torch.Tensor]:
         lam = merge_coefficient(js.mean(), config)
-        names = list(self._generalist)
-        expert = [self._expert[k] for k in names]
-        # One fused pass over all tensors: θ_e + λ(θ_g − θ_e), instead of a kernel per tensor.
-        merged = torch._foreach_lerp(expert, [self._generalist[k] for k in names], float(lam))
-        return lam.expand(len(x)), self._run(dict(zip(names, merged, strict=True)), x)
+        merged = self._merged.get()
+        # θ_e + λ(θ_g − θ_e) into this thread's copy: two fused passes over all tensors, no kernel per tensor.
+        torch._foreach_copy_(merged.targets, self._expert_list)
+        torch._foreach_lerp_(merged.targets, self._generalist_list, float(lam))
+        return lam.expand(len(x)), merged(x)
+
+
+class _MergedCopy(nn.Module):
+    """A serving thread's own copy of the model whose floating-point weights and buffers (``targets``, in the
+    order of ``names``) each ``t3_batch`` merge overwrites in place."""
+
+    def __init__(self, model: nn.Module, names: list[str]) -> None:
+        super().__init__()
+        self.net = copy.deepcopy(model).eval().requires_grad_(False)
+        state = self.net.state_dict()
+        self.targets = [state[name] for name in names]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)

@@ -8,6 +8,7 @@ camera sends); the server decodes and normalises them, the baseline gets already
 cost alone), so the ratio charges the server for all of its work.
 
     python benchmarks/bench_serving.py [--rounds 5] [--seconds 2] [--engine onnx|torch-cuda]
+                                       [--batch-sizes 1 64] [--clients 1 4]
 
 ``--engine torch-cuda`` serves the PyTorch model on the GPU and compares with the same network's in-process CUDA
 forward (synchronised), for machines whose ONNX Runtime has no CUDA provider.
@@ -172,6 +173,8 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--seconds", type=float, default=2.0)
     parser.add_argument("--engine", choices=("onnx", "torch-cuda"), default="onnx")
+    parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 64])
+    parser.add_argument("--clients", type=int, nargs="+", default=[1, 4])
     args = parser.parse_args()
 
     model = build_architecture("cifar_resnet20")
@@ -190,11 +193,11 @@ def main() -> None:
     forward = cuda_forward(model) if on_gpu else onnx_forward(session)
 
     rng = np.random.default_rng(0)
-    scenarios = [(1, 1), (1, 4), (64, 1), (64, 4)]
-    batches = {b: rng.integers(0, 256, (b, 32, 32, 3), dtype=np.uint8) for b in (1, 64)}
+    scenarios = [(b, c) for b in args.batch_sizes for c in args.clients]
+    batches = {b: rng.integers(0, 256, (b, 32, 32, 3), dtype=np.uint8) for b in args.batch_sizes}
     ratios: dict[tuple[int, int], list[float]] = {s: [] for s in scenarios}
     served: dict[tuple[int, int], list[Measurement]] = {s: [] for s in scenarios}
-    baseline: dict[int, list[Measurement]] = {1: [], 64: []}
+    baseline: dict[int, list[Measurement]] = {b: [] for b in args.batch_sizes}
 
     with tempfile.TemporaryDirectory() as tmp:
         make_repository(Path(tmp), onnx_bytes, model.state_dict() if on_gpu else None)

@@ -6,13 +6,14 @@ time in the same round), so machine-load drift cancels. Uses the shared pretrain
 ``../shared`` is beside the repo, else random weights (the cost is the same). T3's expert is the model with
 perturbed weights (a stand-in for a fine-tuned copy: the cost does not depend on the values).
 
-    python benchmarks/bench_strategies.py [--rounds 7] [--batch-sizes 1 64 200] [--device cpu]
+    python benchmarks/bench_strategies.py [--rounds 7] [--batch-sizes 1 64 200] [--device cpu] [--strategies tbn ...]
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
+import math
 import statistics
 import time
 from pathlib import Path
@@ -53,34 +54,43 @@ def _perturbed(model: nn.Module) -> nn.Module:
     return expert
 
 
-def _timed(adapter: Adapter, x: torch.Tensor, device: torch.device) -> float:
+def _timed(adapter: Adapter, x: torch.Tensor, device: torch.device, repeats: int = 1) -> float:
+    """Mean seconds per call over ``repeats`` back-to-back calls (a stateful stream advances with each)."""
     if device.type == "cuda":
         torch.cuda.synchronize()
     start = time.perf_counter()
-    adapter(x)
+    for _ in range(repeats):
+        adapter(x)
     if device.type == "cuda":
         torch.cuda.synchronize()
-    return time.perf_counter() - start
+    return (time.perf_counter() - start) / repeats
 
 
-def bench(batch_size: int, rounds: int, model: nn.Module, device: torch.device) -> dict[str, tuple[float, float]]:
+def bench(
+    batch_size: int, rounds: int, model: nn.Module, device: torch.device, labels: list[str]
+) -> dict[str, tuple[float, float]]:
     """name -> (median seconds per batch, median ratio to ``none``)."""
     x = torch.randn(batch_size, 3, 32, 32, generator=torch.Generator().manual_seed(batch_size)).to(device)
     context = StrategyContext(partner=_perturbed(model), device=device)
     adapters = {"none": Adapter("none", model, context)}
-    adapters.update({label: Adapter(name, model, context, **s) for label, (name, s) in STRATEGIES.items()})
+    for label in labels:
+        name, settings = STRATEGIES[label]
+        adapters[label] = Adapter(name, model, context, **settings)
     for adapter in adapters.values():  # warm-up: lazy per-thread copies, allocator, kernels
         adapter(x)
         adapter(x)
+    # Small batches are timed over several calls so that a measurement spans >= 50 ms of `none`: single
+    # millisecond-long calls are at the mercy of every scheduler hiccup.
+    repeats = max(1, math.ceil(0.05 / _timed(adapters["none"], x, device, 3)))
     times: dict[str, list[float]] = {label: [] for label in adapters}
     ratios: dict[str, list[float]] = {label: [] for label in adapters}
     for _ in range(rounds):
-        base = _timed(adapters["none"], x, device)
+        base = _timed(adapters["none"], x, device, repeats)
         times["none"].append(base)
         ratios["none"].append(1.0)
         for label, adapter in adapters.items():
             if label != "none":
-                seconds = _timed(adapter, x, device)
+                seconds = _timed(adapter, x, device, repeats)
                 times[label].append(seconds)
                 ratios[label].append(seconds / base)
     return {label: (statistics.median(times[label]), statistics.median(ratios[label])) for label in adapters}
@@ -91,12 +101,13 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 64, 200])
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--strategies", nargs="+", choices=list(STRATEGIES), default=list(STRATEGIES))
     args = parser.parse_args()
     device = torch.device(args.device)
     model, weights = _model(device)
     where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
     print(f"ResNet-20 ({weights}), {where}, torch {torch.__version__}, {args.rounds} interleaved rounds, medians")
-    results = {b: bench(b, args.rounds, model, device) for b in args.batch_sizes}
+    results = {b: bench(b, args.rounds, model, device, args.strategies) for b in args.batch_sizes}
     header = "".join(f" | {f'batch {b}':>21}" for b in args.batch_sizes)
     print(f"{'strategy':<12}{header}")
     print(f"{'':<12}" + "".join(f" | {'ms/batch':>10} {'x none':>10}" for _ in args.batch_sizes))
