@@ -55,3 +55,8 @@ class Adapter:
 
     def reset(self) -> None:
         self.state = self.strategy.init_state(self.config)
+
+    @property
+    def variant(self) -> str:
+        """Which form of the method runs with these settings (what a server response reports as ``tta_variant``)."""
+        return self.strategy.variant(self.config)

@@ -41,6 +41,7 @@ _WARMUP_FIELDS = {
     "unmix_reference_batch",
     "unmix_temperature",
     "unmix_spread",
+    "unmix_exact_init",
     "ema_momentum",
     "warmup_samples",
     "source_batch_size",

@@ -32,6 +32,9 @@ class UnMixConfig(StrategyConfig):
     reference_batch: int = Field(64, ge=1, le=4096, description="B_max: batch size at which m equals BN momentum")
     temperature: float = Field(0.07, gt=0.0, le=10.0, description="τ of the cosine-similarity softmax")
     spread: float = Field(0.5, ge=0.0, lt=1.0, description="a: share of source variance spread between components")
+    exact_init: bool = Field(
+        False, description="centre and rescale the initial components' noise (not the paper; see docs/results.md)"
+    )
 
 
 class NormSettings(StrategyConfig):
@@ -44,6 +47,7 @@ class NormSettings(StrategyConfig):
     unmix_reference_batch: int = Field(64, ge=1, le=4096, description="UnMix-TNS B_max (norm='unmix_tns')")
     unmix_temperature: float = Field(0.07, gt=0.0, le=10.0, description="UnMix-TNS τ (norm='unmix_tns')")
     unmix_spread: float = Field(0.5, ge=0.0, lt=1.0, description="UnMix-TNS a (norm='unmix_tns')")
+    unmix_exact_init: bool = Field(False, description="UnMix-TNS exact_init (norm='unmix_tns')")
 
 
 @dataclass
@@ -55,11 +59,11 @@ class UnMixState(AdapterState):
 
 
 def initial_components(
-    net: torch.nn.Module, num_components: int, spread: float, seed: int, device: torch.device
+    net: torch.nn.Module, num_components: int, spread: float, seed: int, device: torch.device, exact: bool = False
 ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
     """Seeded component initialisation: a reset gives bit-identical components."""
     generator = torch.Generator().manual_seed(seed)
-    means, variances = init_unmix_components(net, num_components, spread, generator)
+    means, variances = init_unmix_components(net, num_components, spread, generator, exact)
     return {k: v.to(device) for k, v in means.items()}, {k: v.to(device) for k, v in variances.items()}
 
 
@@ -85,7 +89,9 @@ def settings_components(
     """Initial components for ``settings`` (empty when normalising with batch statistics)."""
     if settings.norm != "unmix_tns":
         return {}, {}
-    return initial_components(net, settings.unmix_components, settings.unmix_spread, seed, device)
+    return initial_components(
+        net, settings.unmix_components, settings.unmix_spread, seed, device, settings.unmix_exact_init
+    )
 
 
 def forward_normalised(
@@ -136,10 +142,19 @@ class UnMixTNS(Strategy):
         self._template = replace_batchnorm(model, UnMixNorm2d)
         self._net = ThreadLocalModule(lambda: replace_batchnorm(model, UnMixNorm2d))
 
+    def variant(self, config: UnMixConfig) -> str:  # type: ignore[override]
+        """``unmix_tns+exact_init`` when the initial components depart from the paper's random draw."""
+        return f"{self.name}+exact_init" if config.exact_init else self.name
+
     def init_state(self, config: StrategyConfig) -> UnMixState:
         assert isinstance(config, UnMixConfig)
         means, variances = initial_components(
-            self._template, config.num_components, config.spread, self.context.seed, self.context.device
+            self._template,
+            config.num_components,
+            config.spread,
+            self.context.seed,
+            self.context.device,
+            config.exact_init,
         )
         return UnMixState(means=means, variances=variances)
 

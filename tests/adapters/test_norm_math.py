@@ -106,6 +106,22 @@ def test_unmix_tns_initial_components(resnet20: nn.Module) -> None:
     torch.testing.assert_close(single.means["bn1"], resnet20.bn1.running_mean[None])
 
 
+def test_unmix_tns_exact_init_matches_source_statistics_exactly(resnet20: nn.Module) -> None:
+    spread = 0.5
+    state = Adapter("unmix_tns", resnet20, spread=spread, exact_init=True).state
+    paper = Adapter("unmix_tns", resnet20, spread=spread).state
+    assert isinstance(state, UnMixState) and isinstance(paper, UnMixState)
+    for name, bn in resnet20.named_modules():
+        if not isinstance(bn, nn.BatchNorm2d):
+            continue
+        means, variances = state.means[name].double(), state.variances[name].double()
+        # mixture mean = μ_s and mixture variance (within + between components) = σ²_s, channel by channel
+        torch.testing.assert_close(means.mean(0), bn.running_mean.double(), rtol=1e-5, atol=1e-5)
+        total = variances.mean(0) + means.var(0, correction=0)
+        torch.testing.assert_close(total, bn.running_var.double(), rtol=1e-5, atol=1e-6)
+        assert not torch.allclose(paper.means[name].double().mean(0), bn.running_mean.double(), atol=1e-3)
+
+
 def test_unmix_tns_works_at_batch_size_one(resnet20: nn.Module, batch: torch.Tensor) -> None:
     adapter = Adapter("unmix_tns", resnet20)
     for i in range(3):
