@@ -41,6 +41,8 @@ def _config(source_data: Path | None = None, merge_partner: str | None = None) -
     }
     if source_data is not None:
         config["source_data"] = str(Path(source_data).resolve())
+        # the evaluated RMT runs without a warm-up: a served model must not spend minutes on the default one
+        config["source_warmup_on_load"] = False
     if merge_partner is not None:
         config["merge_partner"] = merge_partner
     return config

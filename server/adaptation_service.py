@@ -16,12 +16,13 @@ from ttaserve.protocol import adaptation_pb2 as apb
 from ttaserve.protocol import adaptation_pb2_grpc
 
 from .errors import InvalidArgument, NotFound, ServingError
-from .inference_service import caller_of
+from .inference_service import caller_of, deadline_of
 from .loaded_model import LoadedModel
 from .metrics import Metrics
 from .repository import ModelRepository
 from .sessions import Session, SessionKey, SessionTable, snapshot_payload
 from .sessions import session_from_payload as restore_payload
+from .warmup import initial_state
 
 T = TypeVar("T")
 
@@ -108,9 +109,10 @@ class AdaptationServicer(adaptation_pb2_grpc.AdaptationServicer):
         def reset() -> apb.ResetSessionResponse:
             key = self._key(request.key, context)
             session = self.sessions.require(key)
-            strategy = self.repository.get(key.model).strategy(key.strategy)
+            model = self.repository.get(key.model)
+            strategy = model.strategy(key.strategy)
             with session.lock.hold():
-                session.state = strategy.init_state(session.settings)
+                session.state = initial_state(model, strategy, session.settings, deadline_of(context))
                 session.marginal = None
                 session.resets += 1
                 session.last_stats = {}
@@ -162,7 +164,7 @@ class AdaptationServicer(adaptation_pb2_grpc.AdaptationServicer):
                 if payload is None:
                     raise NotFound(f"no snapshot of session {key.sequence_id!r} in {self.sessions.snapshot_dir}")
             settings_cls = strategy.config_cls
-            state_cls = type(strategy.init_state(settings_cls()))
+            state_cls = type(initial_state(model, strategy, settings_cls(), deadline_of(context)))
             session = restore_payload(payload, state_cls, model.device)
             if (session.key.model, session.key.strategy) != (key.model, key.strategy):
                 raise InvalidArgument(

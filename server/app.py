@@ -111,11 +111,6 @@ def start_server(settings: ServerSettings) -> ServerHandle:
 
     metrics = Metrics()
     metrics.server_info.info({"version": server_version(), "torch": torch.__version__, "device": str(device)})
-    repository = ModelRepository(
-        settings.model_repository, device, on_change=lambda name: metrics.update_model(repository, name)
-    )
-    repository.load_all(settings.models)
-
     snapshot_dir = settings.snapshot_dir or Path("snapshots")
     sessions = SessionTable(
         max_sessions=settings.max_sessions,
@@ -127,9 +122,18 @@ def start_server(settings: ServerSettings) -> ServerHandle:
             else None
         ),
     )
+    repository = ModelRepository(
+        settings.model_repository,
+        device,
+        on_change=lambda name: metrics.update_model(repository, name),
+        on_retired=lambda name, reason: _drop_sessions(sessions, name, reason),
+    )
+    repository.load_all(settings.models)
+
     pipeline = Pipeline(repository, sessions, metrics)
     inflight = InflightTracker()
     metrics.watch_sessions(sessions)
+    metrics.watch_warmups(repository)
     metrics.watch_inflight(lambda: inflight.count)
 
     limit = settings.max_message_mb * 1024 * 1024
@@ -183,6 +187,12 @@ def start_server(settings: ServerSettings) -> ServerHandle:
         ", ".join(f"{m.name}/{m.version}" for m in repository.loaded()) or "none",
     )
     return handle
+
+
+def _drop_sessions(sessions: SessionTable, model: str, reason: str) -> None:
+    """End the sessions of a model that was unloaded or reloaded: their state was adapted on the old weights."""
+    dropped = sessions.drop_model(model, reason)
+    log.info("model %s %s: %d session(s) dropped", model, reason, dropped)
 
 
 def _start_sweeper(handle: ServerHandle) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from importlib.metadata import PackageNotFoundError, version
@@ -58,6 +59,12 @@ def caller_of(context: grpc.ServicerContext) -> str:
         if key == CALLER_METADATA and value:
             return str(value)[:128]
     return ANONYMOUS
+
+
+def deadline_of(context: grpc.ServicerContext) -> float | None:
+    """The RPC's deadline on the ``time.monotonic()`` clock; None when the client set none."""
+    remaining = context.time_remaining()
+    return None if remaining is None else time.monotonic() + remaining
 
 
 class InflightTracker:
@@ -239,7 +246,7 @@ class InferenceServicer(grpc_service_pb2_grpc.GRPCInferenceServiceServicer):
 
         def run() -> pb.ModelInferResponse:
             with self._admitted(request):
-                return self.pipeline.infer(request, caller)
+                return self.pipeline.infer(request, caller, deadline_of(context))
 
         return self._call(context, run)
 
@@ -251,7 +258,7 @@ class InferenceServicer(grpc_service_pb2_grpc.GRPCInferenceServiceServicer):
         for request in request_iterator:
             try:
                 with self._admitted(request):
-                    response = self.pipeline.infer(request, caller)
+                    response = self.pipeline.infer(request, caller, deadline_of(context))
             except ServingError as exc:
                 yield pb.ModelStreamInferResponse(error_message=f"{exc.code.name}: {exc.message}")
                 continue

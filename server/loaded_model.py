@@ -6,6 +6,7 @@ import logging
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -21,6 +22,9 @@ from .errors import FailedPrecondition
 from .model_config import ConfigError, ModelConfig, Platform, load_model_config, read_labels
 from .preprocess import Preprocessor
 from .statistics import ModelStatistics
+
+if TYPE_CHECKING:
+    from .warmup import SourceWarmup
 
 log = logging.getLogger(__name__)
 
@@ -38,8 +42,13 @@ class LoadedModel:
     preprocessor: Preprocessor
     statistics: ModelStatistics = field(default_factory=ModelStatistics)
     batcher: DynamicBatcher | None = None
+    #: background source warm-ups by strategy name (see ``warmup.py``)
+    warmups: dict[str, SourceWarmup] = field(default_factory=dict)
+    #: set when the version is unloaded, replaced or the server stops
+    closed: bool = False
     _strategies: dict[str, Strategy] = field(default_factory=dict)
     _strategies_lock: threading.Lock = field(default_factory=threading.Lock)
+    _build_locks: dict[str, threading.Lock] = field(default_factory=dict)
 
     @property
     def name(self) -> str:
@@ -57,22 +66,34 @@ class LoadedModel:
         return self.engine.infer(x)
 
     def strategy(self, name: str) -> Strategy:
-        """The model's shared Strategy object for ``name``, built on first use."""
+        """The model's shared Strategy object for ``name``, built once on first use.
+
+        Each name is built under its own lock: building RMT loads the source data and computes its prototypes
+        (seconds), which must not hold up requests for the other strategies.
+        """
         with self._strategies_lock:
             existing = self._strategies.get(name)
             if existing is not None:
                 return existing
-            cls = get_strategy_class(name)
-            if self.module is None:
-                raise FailedPrecondition(
-                    f"strategy {name!r} needs a PyTorch network; model '{self.name}' is platform "
-                    f"{self.config.platform.value!r} (only 'none' runs on it)"
-                )
-            if "batchnorm" in cls.requires and not self.has_batchnorm():
-                raise FailedPrecondition(f"strategy {name!r} needs BatchNorm2d layers; model '{self.name}' has none")
-            strategy = cls(self.module, self._context(cls))
-            self._strategies[name] = strategy
-            return strategy
+            build_lock = self._build_locks.setdefault(name, threading.Lock())
+        with build_lock:
+            built = self._strategies.get(name)
+            if built is None:
+                built = self._build_strategy(name)
+                with self._strategies_lock:
+                    self._strategies[name] = built
+            return built
+
+    def _build_strategy(self, name: str) -> Strategy:
+        cls = get_strategy_class(name)
+        if self.module is None:
+            raise FailedPrecondition(
+                f"strategy {name!r} needs a PyTorch network; model '{self.name}' is platform "
+                f"{self.config.platform.value!r} (only 'none' runs on it)"
+            )
+        if "batchnorm" in cls.requires and not self.has_batchnorm():
+            raise FailedPrecondition(f"strategy {name!r} needs BatchNorm2d layers; model '{self.name}' has none")
+        return cls(self.module, self._context(cls))
 
     def _context(self, cls: type[Strategy]) -> StrategyContext:
         partner = None
@@ -84,7 +105,7 @@ class LoadedModel:
                 )
             partner = load_partner(self.directory.parent / self.config.merge_partner, self.device)
         source = None
-        if self.config.source_data and ("source_data" in cls.requires or cls.name == "rmt"):
+        if self.config.source_data and uses_source_data(cls):
             source = self.load_source_data()
         return StrategyContext(partner=partner, source=source, device=self.device)
 
@@ -105,7 +126,13 @@ class LoadedModel:
         )
 
     def close(self) -> None:
+        self.closed = True
         self.engine.close()
+
+
+def uses_source_data(cls: type[Strategy]) -> bool:
+    """Whether the strategy is handed the model's ``source_data`` (RMT uses it when present, without requiring it)."""
+    return "source_data" in cls.requires or cls.name == "rmt"
 
 
 def load_partner(model_dir: Path, device: torch.device) -> nn.Module:

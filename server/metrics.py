@@ -26,7 +26,7 @@ _BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
 _UNIT_BUCKETS = tuple(i / 20 for i in range(1, 21))
 
 #: the ``reason`` label of session_resets and the ``event`` label of sessions_opened
-RESET_REASONS = ("manual", "collapse", "evicted", "expired")
+RESET_REASONS = ("manual", "collapse", "evicted", "expired", "unloaded", "reloaded")
 OPEN_EVENTS = ("started", "created", "restored")
 #: the label value of a model or strategy name that does not exist (clients choose names: no unbounded labels)
 UNKNOWN = "unknown"
@@ -89,6 +89,37 @@ class _SessionCollector(Collector):
             GaugeMetricFamily("ttaserve_active_sessions", "Live adaptation sessions", labels=labels),
             GaugeMetricFamily(
                 "ttaserve_session_state_bytes", "Bytes of adaptation state held by live sessions", labels=labels
+            ),
+        )
+
+
+class _WarmupCollector(Collector):
+    """The background source warm-ups of the loaded model versions (``warmup.py``), read when Prometheus scrapes:
+    whether each is still running and how long it ran (or has run so far)."""
+
+    def __init__(self, repository: ModelRepository) -> None:
+        self._repository = repository
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        running, seconds = self.describe()
+        for model in self._repository.loaded():
+            for strategy, warmup in sorted(model.warmups.items()):
+                labels = (model.name, str(model.version), strategy)
+                running.add_metric(labels, 1 if warmup.running else 0)
+                seconds.add_metric(labels, warmup.seconds())
+        yield running
+        yield seconds
+
+    def describe(self) -> tuple[GaugeMetricFamily, GaugeMetricFamily]:
+        labels = ("model", "version", "strategy")
+        return (
+            GaugeMetricFamily(
+                "ttaserve_source_warmup_running", "1 while a background source warm-up runs, else 0", labels=labels
+            ),
+            GaugeMetricFamily(
+                "ttaserve_source_warmup_seconds",
+                "Duration of the background source warm-up (so far, while it runs)",
+                labels=labels,
             ),
         )
 
@@ -174,7 +205,7 @@ class Metrics:
         )
         self.session_resets = Counter(
             "ttaserve_session_resets",
-            "Sessions reset (manual, collapse) or removed (evicted, expired)",
+            "Sessions reset (manual, collapse) or removed (evicted, expired, unloaded, reloaded)",
             ("model", "strategy", "reason"),
             registry=r,
         )
@@ -218,6 +249,9 @@ class Metrics:
 
     def watch_sessions(self, table: SessionTable) -> None:
         self.registry.register(_SessionCollector(table))
+
+    def watch_warmups(self, repository: ModelRepository) -> None:
+        self.registry.register(_WarmupCollector(repository))
 
     def watch_inflight(self, count: Callable[[], int]) -> None:
         self.inflight.set_function(count)

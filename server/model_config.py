@@ -118,6 +118,9 @@ class ModelConfig(_Strict):
     merge_partner: str | None = None
     #: labelled source images (.npz with ``x`` uint8 NHWC and ``y``) for RMT warm-up / replay / prototypes
     source_data: str | None = None
+    #: with ``source_data``: run the source warm-up of strategies that have one (RMT) for their default settings in
+    #: the background right after loading, instead of inside the first request that needs it
+    source_warmup_on_load: bool = True
     description: str = ""
 
     @model_validator(mode="after")

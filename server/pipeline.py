@@ -31,6 +31,7 @@ from .request import (
     settings_json,
 )
 from .sessions import Session, SessionKey, SessionTable, marginal_entropy, session_from_payload
+from .warmup import initial_state
 
 log = logging.getLogger(__name__)
 
@@ -56,7 +57,8 @@ class Pipeline:
 
     # --- entry point ------------------------------------------------------------------------------------------
 
-    def infer(self, request: pb.ModelInferRequest, caller: str) -> pb.ModelInferResponse:
+    def infer(self, request: pb.ModelInferRequest, caller: str, deadline: float | None = None) -> pb.ModelInferResponse:
+        """Serve one request; ``deadline`` (``time.monotonic()``, None: none) bounds waiting for a source warm-up."""
         start = time.perf_counter_ns()
         try:
             model = self.repository.get(request.model_name, request.model_version)
@@ -68,7 +70,7 @@ class Pipeline:
             parsed = parse_request(request, model)
             strategy = parsed.strategy
             parsed_ns = time.perf_counter_ns()
-            result = self._run(model, parsed, caller)
+            result = self._run(model, parsed, caller, deadline)
             run_ns = time.perf_counter_ns()
             probabilities = softmax(result.logits)
             response = build_response(request, model, parsed, result, probabilities)
@@ -95,12 +97,12 @@ class Pipeline:
 
     # --- running a batch --------------------------------------------------------------------------------------
 
-    def _run(self, model: LoadedModel, parsed: ParsedRequest, caller: str) -> RunResult:
+    def _run(self, model: LoadedModel, parsed: ParsedRequest, caller: str, deadline: float | None) -> RunResult:
         if parsed.session is not None:
-            return self._run_session(model, parsed, parsed.session, caller)
+            return self._run_session(model, parsed, parsed.session, caller, deadline)
         if parsed.strategy == "none":
             return self._run_source(model, parsed.images)
-        return self._run_stateless(model, parsed)
+        return self._run_stateless(model, parsed, deadline)
 
     def _run_source(self, model: LoadedModel, images: np.ndarray) -> RunResult:
         if model.batcher is not None:
@@ -114,11 +116,11 @@ class Pipeline:
         model.statistics.record_execution(len(images), infer_ns)
         return RunResult(logits, infer_ns=infer_ns)
 
-    def _run_stateless(self, model: LoadedModel, parsed: ParsedRequest) -> RunResult:
+    def _run_stateless(self, model: LoadedModel, parsed: ParsedRequest, deadline: float | None) -> RunResult:
         """One episode: a fresh source state, one step, state discarded."""
         strategy = model.strategy(parsed.strategy)
         start = time.perf_counter_ns()
-        state = strategy.init_state(parsed.settings)
+        state = initial_state(model, strategy, parsed.settings, deadline)
         step = strategy.step(state, torch.from_numpy(parsed.images).to(model.device), parsed.settings)
         logits = step.logits.detach().float().cpu().numpy()
         infer_ns = time.perf_counter_ns() - start
@@ -126,11 +128,11 @@ class Pipeline:
         return RunResult(logits, stats=step.stats, infer_ns=infer_ns, variant=strategy.variant(parsed.settings))
 
     def _run_session(
-        self, model: LoadedModel, parsed: ParsedRequest, request: SessionRequest, caller: str
+        self, model: LoadedModel, parsed: ParsedRequest, request: SessionRequest, caller: str, deadline: float | None
     ) -> RunResult:
         key = SessionKey(caller, model.name, parsed.strategy, request.sequence_id)
         strategy = model.strategy(parsed.strategy)
-        session, event = self._open_session(model, key, parsed, request.start)
+        session, event = self._open_session(model, key, parsed, request.start, deadline)
         if event:
             self.metrics.sessions_opened.labels(model.name, parsed.strategy, event).inc()
         enqueued = time.perf_counter_ns()
@@ -144,7 +146,7 @@ class Pipeline:
             reason = self._collapse_reason(session, logits, step.stats, model.config.sessions)
             if reason:
                 log.warning("session %s collapsed (%s): reset to the source state", key, reason)
-                session.state = strategy.init_state(session.settings)
+                session.state = initial_state(model, strategy, session.settings, deadline)
                 session.marginal = None
                 session.resets += 1
                 self.metrics.session_resets.labels(model.name, parsed.strategy, "collapse").inc()
@@ -175,7 +177,7 @@ class Pipeline:
         )
 
     def _open_session(
-        self, model: LoadedModel, key: SessionKey, parsed: ParsedRequest, start: bool
+        self, model: LoadedModel, key: SessionKey, parsed: ParsedRequest, start: bool, deadline: float | None
     ) -> tuple[Session, str]:
         """The session for ``key``: fresh on ``sequence_start``; else the live one, or its snapshot (another
         replica's, after a failover), or a fresh one."""
@@ -191,7 +193,7 @@ class Pipeline:
                 return session, ""
             payload = self.sessions.read_snapshot(key)
             if payload is not None:
-                state_cls = type(strategy.init_state(parsed.settings))
+                state_cls = type(initial_state(model, strategy, parsed.settings, deadline))
                 session = session_from_payload(payload, state_cls, model.device)
                 self.sessions.add(session)
                 log.info("session %s restored from its snapshot at step %d", key, session.steps)
@@ -202,7 +204,7 @@ class Pipeline:
             key=key,
             model_version=model.version,
             settings=parsed.settings,
-            state=strategy.init_state(parsed.settings),
+            state=initial_state(model, strategy, parsed.settings, deadline),
         )
         self.sessions.add(session)
         return session, "started" if start else "created"

@@ -13,11 +13,18 @@ import torch
 from .errors import InvalidArgument, NotFound, Unavailable
 from .loaded_model import LoadedModel, available_versions, load_version
 from .model_config import CONFIG_FILENAMES, ConfigError, load_model_config
+from .warmup import cancel_warmups, start_source_warmups
 
 log = logging.getLogger(__name__)
 
 #: the embedded default model, shipped as package data
 DEFAULT_REPOSITORY = Path(__file__).resolve().parent / "default_model"
+#: why a model's loaded versions were retired (``on_retired``'s reason; a metrics label)
+UNLOADED = "unloaded"
+RELOADED = "reloaded"
+
+#: ``on_retired(name, reason)``
+RetiredListener = Callable[[str, str], None]
 
 
 @dataclass(frozen=True)
@@ -29,8 +36,16 @@ class IndexEntry:
 
 
 class ModelRepository:
-    def __init__(self, root: Path | None, device: torch.device, on_change: Callable[[str], None] | None = None) -> None:
-        """``on_change(name)`` runs after each load, reload, unload or failed load of a model (metrics)."""
+    def __init__(
+        self,
+        root: Path | None,
+        device: torch.device,
+        on_change: Callable[[str], None] | None = None,
+        on_retired: RetiredListener | None = None,
+    ) -> None:
+        """``on_change(name)`` runs after each load, reload, unload or failed load of a model (metrics);
+        ``on_retired(name, reason)`` after the versions that served ``name`` were closed by an unload or a successful
+        reload (sessions adapted on them end)."""
         self.root = (root or DEFAULT_REPOSITORY).resolve()
         if not self.root.is_dir():
             raise ConfigError(f"model repository {self.root} is not a directory")
@@ -39,6 +54,7 @@ class ModelRepository:
         self._loaded: dict[str, dict[int, LoadedModel]] = {}
         self._state: dict[str, tuple[str, str]] = {}
         self._on_change = on_change
+        self._on_retired = on_retired
 
     def model_dirs(self) -> list[Path]:
         return sorted(p for p in self.root.iterdir() if p.is_dir() and any((p / f).is_file() for f in CONFIG_FILENAMES))
@@ -79,8 +95,10 @@ class ModelRepository:
             old = self._loaded.get(name, {})
             self._loaded[name] = loaded
             self._state[name] = ("READY", "")
-        for model in old.values():
-            model.close()
+        if old:
+            self._retire(name, old, RELOADED)
+        for model in loaded.values():
+            start_source_warmups(model)
         self._changed(name)
 
     def unload(self, name: str) -> None:
@@ -89,9 +107,14 @@ class ModelRepository:
                 raise NotFound(f"model '{name}' is not loaded")
             old = self._loaded.pop(name)
             self._state[name] = ("UNAVAILABLE", "unloaded")
-        for model in old.values():
-            model.close()
+        self._retire(name, old, UNLOADED)
         self._changed(name)
+
+    def _retire(self, name: str, versions: dict[int, LoadedModel], reason: str) -> None:
+        for model in versions.values():
+            _close(model)
+        if self._on_retired is not None:
+            self._on_retired(name, reason)
 
     def _changed(self, name: str) -> None:
         if self._on_change is not None:
@@ -142,4 +165,10 @@ class ModelRepository:
             models = [m for versions in self._loaded.values() for m in versions.values()]
             self._loaded.clear()
         for model in models:
-            model.close()
+            _close(model)
+
+
+def _close(model: LoadedModel) -> None:
+    """Close the version, then stop its source warm-ups: nothing may keep computing for a model that is gone."""
+    model.close()
+    cancel_warmups(model)

@@ -2,8 +2,9 @@
 
 A session is keyed by (caller, model, strategy, sequence id) and holds one stream's adaptation state. Its requests
 run one at a time in the order they reached it (a FIFO ticket lock, not a plain mutex, which promises no order).
-Sessions end explicitly (``sequence_end``), expire after an idle timeout, or are evicted least-recently-used when the
-table is full. Snapshots are ``torch.save`` files of plain tensors, restorable on this or another replica.
+Sessions end explicitly (``sequence_end``), expire after an idle timeout, are evicted least-recently-used when the
+table is full, or are dropped when their model is unloaded or reloaded. Snapshots are ``torch.save`` files of plain
+tensors, restorable on this or another replica.
 """
 
 from __future__ import annotations
@@ -153,6 +154,20 @@ class SessionTable:
     def sessions(self) -> list[Session]:
         with self._lock:
             return list(self._sessions.values())
+
+    def drop_model(self, model: str, reason: str) -> int:
+        """End every session of ``model`` (all versions) and delete its snapshot; returns how many went.
+
+        For a model that was unloaded or reloaded: a session's state was adapted from weights that are no longer
+        served, so neither the live state nor its snapshot may carry on. A request waiting in a dropped session's
+        queue finds it ended and gets NOT_FOUND.
+        """
+        with self._lock:
+            keys = [key for key in self._sessions if key.model == model]
+        dropped = [key for key in keys if self.remove(key, reason) is not None]
+        for key in dropped:
+            self.delete_snapshot(key)
+        return len(dropped)
 
     def expire_idle(self, now: float | None = None) -> int:
         now = time.time() if now is None else now

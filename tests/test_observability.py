@@ -141,7 +141,8 @@ def test_batch_size_histograms(observed: Observed) -> None:
 def test_session_metrics(observed: Observed) -> None:
     prom = observed.prometheus
     resets = by_label(prom, "sum by (reason) (ttaserve_session_resets_total)", "reason")
-    assert resets == {"collapse": 1, "evicted": 1, "manual": 1, "expired": 0}  # exported at 0 from the start
+    # exported at 0 from the start
+    assert resets == {"collapse": 1, "evicted": 1, "manual": 1, "expired": 0, "unloaded": 0, "reloaded": 0}
     assert prom.value('ttaserve_session_resets_total{model="guarded", strategy="tent", reason="collapse"}') == 1
     opened = by_label(prom, "sum by (event) (ttaserve_sessions_opened_total)", "event")
     assert opened == {"started": 5, "created": 0, "restored": 0}

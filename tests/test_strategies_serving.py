@@ -108,9 +108,9 @@ def test_rmt_reports_which_variant_ran(tmp_path: Path, real_images: np.ndarray) 
         picks = np.random.default_rng(0).permutation(len(data["y"]))[:400]
         np.savez(tmp_path / "source.npz", x=data["x"][picks], y=data["y"][picks])
     generalist = seeded_resnet20(0).state_dict()
-    write_model(
-        tmp_path / "repo", "with_source", base_config(source_data=str(tmp_path / "source.npz")), {1: generalist}
-    )
+    # no background warm-up with the default 50,000 images: the requests below bring their own (small) settings
+    with_source = base_config(source_data=str(tmp_path / "source.npz"), source_warmup_on_load=False)
+    write_model(tmp_path / "repo", "with_source", with_source, {1: generalist})
     write_model(tmp_path / "repo", "source_free", base_config(), {1: generalist})
     handle = start(tmp_path / "repo", metrics_port=None, snapshot_dir=tmp_path / "snap")
     try:
