@@ -17,7 +17,7 @@ Adapting any BatchNorm classifier to a stream, as a library (this example runs i
 """
 
 from . import alpha_bn, rmt, source, t3, tbn, tent, unmix_tns  # noqa: F401  (registers the strategies)
-from .base import AdapterState, SourceData, Step, Strategy, StrategyConfig, StrategyContext
+from .base import AdapterState, SourceData, Step, Strategy, StrategyClosed, StrategyConfig, StrategyContext
 from .registry import Adapter, get_strategy_class, register, strategy_names
 
 __all__ = [
@@ -26,6 +26,7 @@ __all__ = [
     "SourceData",
     "Step",
     "Strategy",
+    "StrategyClosed",
     "StrategyConfig",
     "StrategyContext",
     "get_strategy_class",

@@ -141,6 +141,17 @@ class Strategy(ABC):
     def __init__(self, model: nn.Module, context: StrategyContext | None = None) -> None:
         self.model = model
         self.context = context or StrategyContext()
+        self._closed = threading.Event()
+
+    def close(self) -> None:
+        """Stop long-running work of this strategy (a source warm-up) at its next step; it then raises
+        ``StrategyClosed``. A server calls this when the model it belongs to is unloaded."""
+        self._closed.set()
+
+    def check_open(self) -> None:
+        """Called between the steps of long-running work: raises ``StrategyClosed`` once ``close`` was called."""
+        if self._closed.is_set():
+            raise StrategyClosed(f"strategy {self.name!r} was closed")
 
     @classmethod
     def description(cls) -> str:
@@ -161,6 +172,10 @@ class Strategy(ABC):
     @abstractmethod
     def step(self, state: AdapterState, x: torch.Tensor, config: StrategyConfig) -> Step:
         """Adapt on and predict one batch ``x`` (N, C, H, W), normalised, on the context's device."""
+
+
+class StrategyClosed(RuntimeError):
+    """Long-running strategy work (a source warm-up) stopped because the strategy was closed under it."""
 
 
 ModuleT = TypeVar("ModuleT", bound=nn.Module)

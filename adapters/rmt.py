@@ -343,6 +343,7 @@ class RMT(Strategy):
         generator = torch.Generator().manual_seed(self.context.seed + 1)
         steps = math.ceil(config.warmup_samples / config.source_batch_size)
         for i in range(steps):
+            self.check_open()
             index = torch.randint(len(source.labels), (config.source_batch_size,), generator=generator)
             images = source.images[index].to(self.context.device)
             with torch.no_grad():

@@ -7,19 +7,26 @@ whose config has ``source_data`` (and ``source_warmup_on_load``) runs ``init_sta
 daemon thread, on the very Strategy object requests use: the cache is warm by the time clients arrive.
 
 Readiness does not wait for it. A request that needs a warm-up still running waits for it no longer than its gRPC
-deadline, then gets UNAVAILABLE. Unloading, reloading or stopping cancels it (``SourceWarmup.cancel``).
+deadline, then gets UNAVAILABLE. Unloading, reloading or stopping cancels it (``SourceWarmup.cancel`` closes the
+Strategy object, whose warm-up loop stops at its next step with ``StrategyClosed``).
 """
 
 from __future__ import annotations
 
-import ctypes
 import logging
 import threading
 import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from ttaserve.adapters import AdapterState, Strategy, StrategyConfig, get_strategy_class, strategy_names
+from ttaserve.adapters import (
+    AdapterState,
+    Strategy,
+    StrategyClosed,
+    StrategyConfig,
+    get_strategy_class,
+    strategy_names,
+)
 
 from .errors import Unavailable
 from .loaded_model import uses_source_data
@@ -32,15 +39,10 @@ log = logging.getLogger(__name__)
 
 #: the strategy setting that sizes a source warm-up (0 = none)
 WARMUP_SETTING = "warmup_samples"
-#: how long closing a model waits for a cancelled warm-up to let go (it stops after the torch operation in progress)
+#: how long closing a model waits for a cancelled warm-up to let go (it stops after the training step in progress)
 CANCEL_WAIT_S = 10.0
 #: a request refused because of a running warm-up is answered this long before its deadline, so the client reads why
 ANSWER_MARGIN_S = 0.05
-
-
-class WarmupCancelled(BaseException):
-    """Raised inside a warm-up's thread to stop it. A BaseException, so no ``except Exception`` on the way up (in the
-    adapter or in torch) swallows it."""
 
 
 @dataclass
@@ -56,8 +58,8 @@ class SourceWarmup:
     thread: threading.Thread | None = field(default=None, repr=False)
     _done: threading.Event = field(default_factory=threading.Event, repr=False)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
-    #: the running thread's id while it is inside the strategy (where a cancellation may land), else None
-    _cancellable: int | None = field(default=None, repr=False)
+    #: the Strategy object being warmed up, once the thread has it
+    _strategy: Strategy | None = field(default=None, repr=False)
     _cancel_requested: bool = field(default=False, repr=False)
 
     @property
@@ -74,29 +76,25 @@ class SourceWarmup:
         return self._done.wait(timeout_s)
 
     def cancel(self) -> None:
-        """Stop the warm-up at the thread's next Python bytecode, i.e. after the torch operation in progress.
-
-        The warm-up loop lives in the adapter, which offers no way to stop it; an exception raised in its thread
-        unwinds it (its lock is released by ``with``, its cache is left as it was). Only a closing model's warm-ups
-        are cancelled, so only a Strategy object that is dropped with its model sees the exception.
-        """
+        """Stop the warm-up after its training step in progress: close the Strategy object it runs on (only a
+        closing model's warm-ups are cancelled, and its Strategy objects are dropped with it)."""
         with self._lock:
             self._cancel_requested = True
-            thread_id, self._cancellable = self._cancellable, None
-        if thread_id is not None:
-            ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(thread_id), ctypes.py_object(WarmupCancelled))
+            strategy = self._strategy
+        if strategy is not None:
+            strategy.close()
 
-    def enter_strategy(self) -> None:
-        """Called by the warm-up's thread before it runs strategy code: from here on a cancellation interrupts it."""
+    def attach(self, strategy: Strategy) -> None:
+        """Called by the warm-up's thread with the Strategy object it is about to warm up."""
         with self._lock:
-            if self._cancel_requested:
-                raise WarmupCancelled
-            self._cancellable = threading.get_ident()
+            self._strategy = strategy
+            cancelled = self._cancel_requested
+        if cancelled:
+            strategy.close()
 
     def finish(self, error: str = "") -> None:
-        """Record the end (the first call counts) and make sure no cancellation is sent to the thread any more."""
+        """Record the end (the first call counts)."""
         with self._lock:
-            self._cancellable = None
             if self._done.is_set():
                 return
             self.error = error
@@ -140,14 +138,14 @@ def _run_warmup(model: LoadedModel, warmup: SourceWarmup) -> None:
     label = f"model {warmup.model} version {warmup.version} strategy {warmup.strategy}"
     try:
         if model.closed:
-            raise WarmupCancelled
+            raise StrategyClosed(f"model {warmup.model} was closed before its warm-up started")
         log.info("%s: source warm-up started in the background (default settings)", label)
-        warmup.enter_strategy()
         strategy = model.strategy(warmup.strategy)
+        warmup.attach(strategy)
         strategy.init_state(default_settings(strategy.config_cls))
         warmup.finish()
         log.info("%s: source warm-up finished in %.1fs", label, warmup.seconds())
-    except WarmupCancelled:
+    except StrategyClosed:
         warmup.finish("cancelled: the model was unloaded, reloaded or the server stopped")
         log.info("%s: source warm-up cancelled after %.1fs", label, warmup.seconds())
     except Exception as exc:  # a background thread has no caller to raise to; requests meet the same error
@@ -200,4 +198,7 @@ def initial_state(
             )
             log.warning("request refused at its deadline: %s", message)
             raise Unavailable(message)
-    return strategy.init_state(settings)
+    try:
+        return strategy.init_state(settings)
+    except StrategyClosed:
+        raise Unavailable(f"model '{model.name}' was unloaded or reloaded while this request started") from None

@@ -163,8 +163,9 @@ def write_source_models(repo: Path) -> None:
 
 @dataclass
 class HeldWarmups:
-    """Every RMT warm-up is recorded and held at its start until ``release`` is set (held in a Python loop, where a
-    cancellation can land), so a test can watch the server while one runs and count the warm-ups RMT ran."""
+    """Every RMT warm-up is recorded and held at its start until ``release`` is set (in a loop that checks between
+    steps whether the strategy was closed, as RMT's own warm-up loop does), so a test can watch the server while one
+    runs, cancel it, and count the warm-ups RMT ran."""
 
     release: threading.Event
     samples: list[int]
@@ -179,6 +180,7 @@ def held_warmups(monkeypatch: pytest.MonkeyPatch) -> Iterator[HeldWarmups]:
         held.samples.append(config.warmup_samples)
         deadline = time.monotonic() + 60
         while not held.release.is_set() and time.monotonic() < deadline:
+            self.check_open()
             time.sleep(0.01)
         return real_warm_up(self, state, config, source)
 

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ttaserve.adapters import Adapter, SourceData, StrategyContext
+from ttaserve.adapters import Adapter, SourceData, StrategyClosed, StrategyContext
 from ttaserve.adapters.augment import rmt_augment
 from ttaserve.adapters.losses import multi_view_contrastive, symmetric_cross_entropy
 from ttaserve.adapters.optim import GradientConfig, optimizer_step, zero_moments
@@ -201,6 +201,26 @@ def test_rmt_with_source_runs_every_part_and_caches_the_warm_up(
     assert strategy.variant(source_free) == "sce+contrastive"
     assert strategy.step(strategy.init_state(source_free), batch, source_free).stats["source_free"] == 1.0
     assert all(torch.equal(before[k], v) for k, v in resnet20.state_dict().items())
+
+
+def test_closing_rmt_stops_its_warm_up_between_steps(resnet20: nn.Module) -> None:
+    strategy = RMT(resnet20, StrategyContext(source=_source()))
+    steps: list[int] = []
+    real_check = strategy.check_open
+
+    def close_after_two_steps() -> None:
+        steps.append(1)
+        if len(steps) == 3:
+            strategy.close()
+        real_check()
+
+    strategy.check_open = close_after_two_steps  # type: ignore[method-assign]
+    config = strategy.make_config(warmup_samples=10_000_000, source_batch_size=8)
+    with pytest.raises(StrategyClosed, match="rmt"):
+        strategy.init_state(config)
+    assert len(steps) == 3  # two training steps ran, the third check stopped the loop
+    with pytest.raises(StrategyClosed):  # closed for good: the cache was never filled
+        strategy.init_state(config)
 
 
 def test_rmt_with_unmix_norm(resnet20: nn.Module, batch: torch.Tensor) -> None:
