@@ -41,9 +41,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ttaserve eval", description=description)
     protocols = ", ".join([*PROTOCOLS, *GROUPS, T3])
     parser.add_argument("--protocol", action="append", default=[], help=f"repeatable; one of {protocols}")
-    parser.add_argument("--strategies", default=",".join(STRATEGIES), help="comma-separated (default: %(default)s)")
     parser.add_argument(
-        "--set", action="append", default=[], metavar="STRATEGY.KEY=VALUE", help="override a strategy setting"
+        "--strategies",
+        default=",".join(STRATEGIES),
+        help="comma-separated; LABEL=STRATEGY runs a strategy under its own label (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--set", action="append", default=[], metavar="LABEL.KEY=VALUE", help="override a setting of a strategy (label)"
     )
     data = parser.add_argument_group("data")
     data.add_argument("--data", default="cifar10", help="cifar10, fashion-mnist, or a folder class_name/image.png")

@@ -30,12 +30,20 @@ class Method:
 def strategy_methods(
     strategies: list[str] | tuple[str, ...], overrides: Mapping[str, Settings] | None = None
 ) -> list[Method]:
-    """One method per strategy on the run's model, with the defaults above and ``overrides`` per strategy."""
+    """One method per entry on the run's model, with the defaults above and ``overrides`` per label.
+
+    An entry is a strategy name (its own label) or ``LABEL=STRATEGY``, to run one strategy twice with different
+    settings, e.g. ``["unmix_tns", "unmix_exact=unmix_tns"]`` with ``{"unmix_exact": {"exact_init": True}}``.
+    """
     overrides = overrides or {}
-    return [
-        Method(name, name, settings={**DEFAULT_SETTINGS.get(name, {}), **overrides.get(name, {})})
-        for name in strategies
-    ]
+    methods = []
+    for entry in strategies:
+        label, _, strategy = entry.rpartition("=")
+        label = label or strategy
+        methods.append(
+            Method(label, strategy, settings={**DEFAULT_SETTINGS.get(strategy, {}), **overrides.get(label, {})})
+        )
+    return methods
 
 
 class StreamRunner(Protocol):

@@ -6,7 +6,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 . .venv/bin/activate
-# With run names as arguments (continual protocols sweep t3 cifar10c fashion), only those run.
+# With run names as arguments (continual protocols sweep t3 cifar10c unmix-exact fashion), only those run.
 selected=" $* "
 run() {  # run <name> <ttaserve eval arguments...>
   local name=$1
@@ -26,5 +26,8 @@ run sweep --protocol sweep --images-per-domain 1000
 run t3 --protocol t3 --t3-families noise,digital --images-per-domain 1000
 # CIFAR-10-C's own (milder) constants, for the five corruptions whose constants are documented, in full.
 run cifar10c --protocol continual --constants cifar10c --corruptions gaussian_noise,brightness,contrast,pixelate,jpeg_compression --smooth 5
+# UnMix-TNS with exact_init (not the paper) beside the paper's initialisation, on the protocols above.
+run unmix-exact --protocol reset --protocol dirichlet --protocol sorted --protocol mixed --images-per-domain 2000 \
+  --strategies none,unmix_tns,unmix_exact=unmix_tns --set unmix_exact.exact_init=true --smooth 3
 # Fashion-MNIST and the embedded default model, 1,000 images per corruption.
 run fashion --data fashion-mnist --protocol continual --protocol sorted --images-per-domain 1000

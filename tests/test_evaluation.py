@@ -85,6 +85,12 @@ def test_batches_keep_to_their_domain_and_reset_where_asked() -> None:
     assert all(np.array_equal(x.labels, y.labels) for x, y in zip(continual.batches, again.batches, strict=True))
 
 
+def test_one_strategy_runs_under_two_labels_with_its_own_settings() -> None:
+    methods = strategy_methods(["unmix_tns", "unmix_exact=unmix_tns"], {"unmix_exact": {"exact_init": True}})
+    assert [(m.label, m.strategy) for m in methods] == [("unmix_tns", "unmix_tns"), ("unmix_exact", "unmix_tns")]
+    assert "exact_init" not in methods[0].settings and methods[1].settings["exact_init"] is True
+
+
 def test_protocol_groups_expand() -> None:
     assert [p.batch_size for p in resolve(["sweep"])] == [1, 16, 64, 200]
     assert [p.name for p in resolve(["continual", "all"])][:2] == ["continual", "reset"]
