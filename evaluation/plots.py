@@ -29,14 +29,19 @@ _COLOURS = {
     "merge50": "#e377c2",
     "t3": "#bcbd22",
     "t3_batch": "#17becf",
+    "unmix_exact": "#98df8a",
 }
+#: colours for other labels: tab20's, minus those taken above and minus greys (grey is the source model's)
+_SPARE = [
+    colour
+    for colour in map(matplotlib.colors.to_hex, matplotlib.colormaps["tab20"].colors)
+    if colour not in _COLOURS.values() and colour not in ("#7f7f7f", "#c7c7c7")
+]
 
 
 def _colour(label: str) -> str:
-    """A fixed colour per known method; others from a palette by a stable hash of the label."""
-    return _COLOURS.get(label) or matplotlib.colors.to_hex(
-        matplotlib.colormaps["tab10"](zlib.crc32(label.encode()) % 10)
-    )
+    """A fixed colour per known method; others from the spare palette by a stable hash of the label."""
+    return _COLOURS.get(label) or _SPARE[zlib.crc32(label.encode()) % len(_SPARE)]
 
 
 def _save(figure: Figure, path: Path) -> Path:

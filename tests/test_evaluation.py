@@ -91,6 +91,14 @@ def test_one_strategy_runs_under_two_labels_with_its_own_settings() -> None:
     assert "exact_init" not in methods[0].settings and methods[1].settings["exact_init"] is True
 
 
+def test_every_method_label_but_the_source_gets_a_colour_other_than_grey() -> None:
+    from ttaserve.evaluation.plots import _colour
+
+    labels = ["tbn", "unmix_exact", *(f"variant-{i}" for i in range(40))]
+    assert all(_colour(label) not in ("#7f7f7f", "#c7c7c7") for label in labels)
+    assert _colour("unmix_exact") != _colour("unmix_tns") and _colour("x") == _colour("x")
+
+
 def test_protocol_groups_expand() -> None:
     assert [p.batch_size for p in resolve(["sweep"])] == [1, 16, 64, 200]
     assert [p.name for p in resolve(["continual", "all"])][:2] == ["continual", "reset"]
