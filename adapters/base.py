@@ -120,12 +120,16 @@ class SourceData:
 
 @dataclass(frozen=True)
 class StrategyContext:
-    """What a model brings besides its network: a merge partner (T3's expert) and source data (RMT)."""
+    """What a model brings besides its network: a merge partner (T3's expert), source data (RMT) and how its inputs
+    are normalised (RMT augments in pixel space: it undoes and redoes the normalisation)."""
 
     partner: nn.Module | None = None
     source: SourceData | None = None
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     seed: int = 0
+    #: per-channel mean and std the inputs were normalised with (a server fills them from the model's config)
+    input_mean: tuple[float, ...] | None = None
+    input_std: tuple[float, ...] | None = None
 
 
 class Strategy(ABC):

@@ -65,8 +65,16 @@ class RMTConfig(GradientConfig, NormSettings):
     projection_dim: int = Field(128, ge=1, le=4096, description="width of the 2-layer projection MLP")
     warmup_samples: int = Field(50_000, ge=0, le=10_000_000, description="source images to warm up on (0 = off)")
     source_batch_size: int = Field(200, ge=1, le=4096, description="source batch size for warm-up and replay")
-    input_mean: tuple[float, ...] = Field((0.485, 0.456, 0.406), description="input normalisation mean")
-    input_std: tuple[float, ...] = Field((0.229, 0.224, 0.225), description="input normalisation std")
+    input_mean: tuple[float, ...] | None = Field(
+        None, description="input normalisation mean (default: the model's preprocessing, else ImageNet's)"
+    )
+    input_std: tuple[float, ...] | None = Field(
+        None, description="input normalisation std (default: the model's preprocessing, else ImageNet's)"
+    )
+
+
+#: the input normalisation assumed when neither the settings nor the model say
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
 
 @dataclass
@@ -182,7 +190,9 @@ class RMT(Strategy):
         net = self._nets[config.norm].get()
         head = last_linear(net)
         generator = torch.Generator().set_state(state.rng)
-        x_aug = rmt_augment(x, generator, config.input_mean, config.input_std)
+        mean = config.input_mean or self.context.input_mean or IMAGENET_MEAN
+        std = config.input_std or self.context.input_std or IMAGENET_STD
+        x_aug = rmt_augment(x, generator, mean, std)
         contrastive = self._prototypes is not None and config.lambda_cont > 0
         replay = self._source is not None and config.lambda_src > 0
         source_batch = self._source_batch(generator, config) if replay else None

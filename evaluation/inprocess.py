@@ -104,7 +104,10 @@ class InProcessBackend:
                 images, labels = data["x"], data["y"].astype(np.int64)
             images = images[..., None] if images.ndim == 3 else images  # grey (N, H, W)
             source = SourceData(model.normalise(images), torch.from_numpy(labels))
-        return StrategyContext(partner=partner, source=source)
+        preprocessing = model.config.preprocessing
+        return StrategyContext(
+            partner=partner, source=source, input_mean=tuple(preprocessing.mean), input_std=tuple(preprocessing.std)
+        )
 
     def open(self, method: Method, stream_id: str) -> InProcessStream:
         model = self._load(method.model or self.model)

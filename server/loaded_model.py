@@ -107,7 +107,13 @@ class LoadedModel:
         source = None
         if self.config.source_data and uses_source_data(cls):
             source = self.load_source_data()
-        return StrategyContext(partner=partner, source=source, device=self.device)
+        return StrategyContext(
+            partner=partner,
+            source=source,
+            device=self.device,
+            input_mean=tuple(self.config.preprocessing.mean),
+            input_std=tuple(self.config.preprocessing.std),
+        )
 
     def load_source_data(self) -> SourceData:
         assert self.config.source_data is not None

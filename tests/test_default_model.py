@@ -4,8 +4,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
+import tritonclient.grpc as tc
+from support import start
 
 import ttaserve.server
 from ttaserve.server import fashion_mnist
@@ -40,3 +43,34 @@ def test_shipped_weights_reach_documented_test_accuracy() -> None:
     normalize = Normalizer(config.preprocessing.mean, config.preprocessing.std)
     measured = accuracy(model, to_nchw(images), torch.from_numpy(labels).long(), normalize)
     assert measured == pytest.approx(DOCUMENTED_TEST_ACCURACY, abs=0.001)
+
+
+@pytest.mark.skipif(
+    not (fashion_mnist.DEFAULT_DIR / "t10k-images-idx3-ubyte.gz").is_file(),
+    reason=f"Fashion-MNIST missing at {fashion_mnist.DEFAULT_DIR} (apt-get install -y dataset-fashion-mnist)",
+)
+@pytest.mark.parametrize("strategy", ["tbn", "alpha_bn", "unmix_tns", "tent", "rmt", "t3_batch"])
+def test_every_strategy_serves_the_one_channel_default_model(strategy: str) -> None:
+    """The embedded model is greyscale: strategies must take its normalisation from its config (RMT augments in
+    pixel space), not assume RGB. T3 has no expert to merge with here and must say so."""
+    images, labels = fashion_mnist.load_split("test")
+    batch = np.ascontiguousarray(images[:64, :, :, None])
+    handle = start(None, metrics_port=None)
+    try:
+        client = tc.InferenceServerClient(f"127.0.0.1:{handle.grpc_port}")
+        model = client.get_model_repository_index().models[0].name
+        tensor = tc.InferInput("input", list(batch.shape), "UINT8")
+        tensor.set_data_from_numpy(batch)
+        params = {"tta_strategy": strategy}
+        if strategy == "t3_batch":
+            with pytest.raises(tc.InferenceServerException, match="merge_partner"):
+                client.infer(model, [tensor], parameters=params)
+            return
+        for _ in range(2):  # a session: the second step adapts from the first's state
+            result = client.infer(model, [tensor], parameters=params, sequence_id=f"cam-{strategy}")
+        logits = result.as_numpy("logits")
+        assert logits.shape == (64, 10) and np.isfinite(logits).all()
+        accuracy = float((logits.argmax(1) == labels[:64]).mean())
+        assert accuracy > 0.6, f"{strategy} on clean Fashion-MNIST: {accuracy:.2f}"
+    finally:
+        handle.stop()
