@@ -5,8 +5,8 @@ five to ten times slower than a plain vectorised sum over the contiguous H·W ax
 most of what test-time normalisation cost over an eval-mode forward. So on the CPU, for a contiguous NCHW input with
 no gradient to carry, the moments come from one sum and one 2-norm per (sample, channel) row and the variance from
 E[x²] − E[x]². That difference loses precision when the mean is large against the spread (relative error ≈ float32
-rounding × E[x²]/Var[x]), so where any channel has mean² > ``CANCELLATION_LIMIT`` × variance the library kernel
-recomputes the moments: the fast path's variance stays within ~2e-5 of float64's. Elsewhere (CUDA, autograd, other
+rounding × E[x²]/Var[x]), so where any channel has mean² > ``CANCELLATION_LIMIT`` × variance the squares are summed
+again around the mean (one more pass): the variance stays within ~2e-5 of float64's. Elsewhere (CUDA, autograd, other
 layouts) the fused library kernels are used: on a GPU they are one launch per layer, which matters more there than
 the arithmetic.
 """
@@ -34,24 +34,29 @@ def prefers_separate_moments(x: torch.Tensor) -> bool:
 CANCELLATION_LIMIT = 100.0
 
 
-def _variance(mean: torch.Tensor, squares: torch.Tensor, count: int) -> torch.Tensor | None:
-    """E[x²] − E[x]² from the sum of squares (in place on ``squares``), or None where cancellation makes it unsafe."""
+def _row_moments(rows: torch.Tensor, over_samples: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """(variance, mean) of an N×C×L tensor over L, and also over N when ``over_samples``.
+
+    One pass: a sum and a 2-norm per row, the variance as E[x²] − E[x]². Where that is ill-conditioned (mean² >
+    ``CANCELLATION_LIMIT`` × variance anywhere) the squares are summed again around the mean: one more pass, exact.
+    """
+    count = rows.shape[-1] * (rows.shape[0] if over_samples else 1)
+    total, squares = rows.sum(-1), torch.linalg.vector_norm(rows, dim=-1).square_()
+    if over_samples:
+        total, squares = total.sum(0), squares.sum(0)
+    mean = total.mul_(1 / count)
     mean_sq = mean * mean
     var = squares.mul_(1 / count).sub_(mean_sq).clamp_min_(0.0)
     if bool((mean_sq > CANCELLATION_LIMIT * var).any()):
-        return None
-    return var
+        squares = torch.linalg.vector_norm(rows - mean[..., None], dim=-1).square_()
+        var = (squares.sum(0) if over_samples else squares).mul_(1 / count)
+    return var, mean
 
 
 def channel_moments(x: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
     """(variance, mean) per channel of an N×C×H×W tensor, as BatchNorm normalises with (biased variance)."""
     if prefers_separate_moments(x):
-        count = x.shape[0] * x.shape[2] * x.shape[3]
-        rows = x.flatten(2)
-        mean = rows.sum(-1).sum(0).mul_(1 / count)
-        var = _variance(mean, torch.linalg.vector_norm(rows, dim=-1).square_().sum(0), count)
-        if var is not None:
-            return var, mean
+        return _row_moments(x.flatten(2), over_samples=True)
     if torch.is_grad_enabled() and x.requires_grad:
         return torch.var_mean(x, dim=(0, 2, 3), correction=0)
     _, mean, invstd = torch.native_batch_norm(x, None, None, None, None, True, 0.0, eps)
@@ -61,10 +66,5 @@ def channel_moments(x: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Te
 def instance_moments(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(variance, mean) per sample and channel of an N×C×H×W tensor (biased variance), each N×C."""
     if has_fast_moments(x):
-        count = x.shape[2] * x.shape[3]
-        rows = x.flatten(2)
-        mean = rows.sum(-1).mul_(1 / count)
-        var = _variance(mean, torch.linalg.vector_norm(rows, dim=-1).square_(), count)
-        if var is not None:
-            return var, mean
+        return _row_moments(x.flatten(2), over_samples=False)
     return torch.var_mean(x, dim=(2, 3), correction=0)

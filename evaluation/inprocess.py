@@ -33,7 +33,8 @@ class _Model:
     def normalise(self, images: np.ndarray) -> torch.Tensor:
         """uint8 (N, H, W, C) -> (x / 255 - mean) / std, (N, C, H, W) float32: what the server's preprocessor does."""
         pixels = torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).float() / 255.0
-        return (pixels - self.mean) / self.std
+        # Contiguous NCHW like the server's: a permuted tensor would carry channels-last strides through the network.
+        return ((pixels - self.mean) / self.std).contiguous()
 
 
 class InProcessStream:
