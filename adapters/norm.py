@@ -139,18 +139,20 @@ def unmix_normalise(
         centred = means - centre  # K×C, sums to zero over k
     inst = inst_mean - centre
     mean = (inst - p @ centred) / num
-    second = (q * q) @ centred.square() + 2 * ((p * q) @ centred) * inst + (p * p).sum(1, keepdim=True) * inst.square()
+    # Σ_k [(1−p)·c_k + p·ĩ]² = (1−p)²·c² + 2p(1−p)·c·ĩ + p²·ĩ², summed over k by the matmuls
+    second = torch.addcmul((q * q) @ centred.square(), (p * q) @ centred, inst, value=2.0)
+    second = torch.addcmul(second, (p * p).sum(1, keepdim=True), inst.square())
     spread = (second / num - mean.square()).clamp_min(0.0)  # law of total variance: between-component part
     var = (variances.sum(dim=0) - p @ variances + inst_var) / num + spread
     y = _normalise_per_sample(x, mean + centre, var, weight, bias, eps)
     if not update:
         return y, (means, variances)
     with torch.no_grad():
-        m = 1 - (1 - momentum) ** (x.shape[0] / reference_batch)
-        weight_sum = p.sum(dim=0)[:, None]  # K×1
-        rate = m / x.shape[0]
-        new_means = means + rate * (p.T @ inst_mean.detach() - weight_sum * means)
-        new_vars = variances + rate * (p.T @ inst_var.detach() - weight_sum * variances)
+        # μ_k + m·mean_b[p_bk(μ̃_b − μ_k)] = μ_k·(1 − (m/B)·Σ_b p_bk) + (m/B)·(pᵀμ̃)_k, and the same for σ²_k
+        rate = (1 - (1 - momentum) ** (x.shape[0] / reference_batch)) / x.shape[0]
+        keep = p.sum(dim=0).mul_(-rate).add_(1.0)[:, None]  # K×1
+        new_means = torch.addmm(means * keep, p.T, inst_mean.detach(), alpha=rate)
+        new_vars = torch.addmm(variances * keep, p.T, inst_var.detach(), alpha=rate)
     return y, (new_means, new_vars)
 
 
