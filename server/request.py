@@ -118,7 +118,9 @@ def describe_settings(config_cls: type[StrategyConfig]) -> str:
                 bounds.append(f"{symbol} {prop[key]}")
         if "enum" in prop:
             bounds.append("one of " + "/".join(map(str, prop["enum"])))
-        kind = prop.get("type", "value")
+        kind = (
+            prop.get("type") or " or ".join(option.get("type", "value") for option in prop.get("anyOf", [])) or "value"
+        )
         default = json.dumps(prop.get("default"))
         parts.append(
             f"{SETTING_PREFIX}{field_name} ({kind}{', ' if bounds else ''}{' '.join(bounds)}, default {default})"

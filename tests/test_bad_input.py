@@ -141,6 +141,18 @@ def test_unknown_strategy_setting(stub) -> None:
     expect(stub, message, INVALID, "tta_alpha", "strategy 'none'")
 
 
+def test_out_of_range_setting_lists_every_setting_with_its_type_and_bounds(stub) -> None:
+    message = request(uint8_images(1), [1, 32, 32, 3], tta_strategy="rmt", tta_lr=-1.0)
+    expect(
+        stub,
+        message,
+        INVALID,
+        "tta_lr",
+        "tta_warmup_samples (integer, ≥ 0 ≤ 10000000, default 50000)",
+        "tta_input_mean (array or null, default null)",  # optional settings name their types too
+    )
+
+
 def test_bad_top_k(stub) -> None:
     expect(stub, request(uint8_images(1), [1, 32, 32, 3], top_k=0), INVALID, "top_k")
 
