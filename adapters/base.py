@@ -138,6 +138,8 @@ class Strategy(ABC):
     name: ClassVar[str]
     config_cls: ClassVar[type[StrategyConfig]]
     stateful: ClassVar[bool] = False
+    #: the class of the states ``init_state`` returns: what a snapshot is restored into without building a state
+    state_cls: ClassVar[type[AdapterState]] = AdapterState
     uses_gradients: ClassVar[bool] = False
     #: what the model must offer: "batchnorm", "merge_partner", "source_data"
     requires: ClassVar[tuple[str, ...]] = ()

@@ -148,6 +148,7 @@ class RMT(Strategy):
     name = "rmt"
     config_cls = RMTConfig
     stateful = True
+    state_cls = RMTState
     uses_gradients = True
     requires = ("batchnorm",)
 

@@ -45,6 +45,7 @@ class Tent(Strategy):
     name = "tent"
     config_cls = TentConfig
     stateful = True
+    state_cls = TentState
     uses_gradients = True
     requires = ("batchnorm",)
 

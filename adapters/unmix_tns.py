@@ -135,6 +135,7 @@ class UnMixTNS(Strategy):
     name = "unmix_tns"
     config_cls = UnMixConfig
     stateful = True
+    state_cls = UnMixState
     requires = ("batchnorm",)
 
     def __init__(self, model: torch.nn.Module, context: StrategyContext | None = None) -> None:

@@ -163,9 +163,7 @@ class AdaptationServicer(adaptation_pb2_grpc.AdaptationServicer):
                 payload = self.sessions.read_snapshot(key)
                 if payload is None:
                     raise NotFound(f"no snapshot of session {key.sequence_id!r} in {self.sessions.snapshot_dir}")
-            settings_cls = strategy.config_cls
-            state_cls = type(initial_state(model, strategy, settings_cls(), deadline_of(context)))
-            session = restore_payload(payload, state_cls, model.device)
+            session = restore_payload(payload, strategy.state_cls, model.device)
             if (session.key.model, session.key.strategy) != (key.model, key.strategy):
                 raise InvalidArgument(
                     f"snapshot is of model '{session.key.model}' strategy '{session.key.strategy}', "

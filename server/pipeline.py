@@ -193,8 +193,7 @@ class Pipeline:
                 return session, ""
             payload = self.sessions.read_snapshot(key)
             if payload is not None:
-                state_cls = type(initial_state(model, strategy, parsed.settings, deadline))
-                session = session_from_payload(payload, state_cls, model.device)
+                session = session_from_payload(payload, strategy.state_cls, model.device)
                 self.sessions.add(session)
                 log.info("session %s restored from its snapshot at step %d", key, session.steps)
                 return session, "restored"
