@@ -8,7 +8,7 @@ from pydantic import Field
 
 from .base import AdapterState, Step, Strategy, StrategyConfig, StrategyContext, ThreadLocalModule
 from .losses import prediction_stats
-from .norm import AlphaNorm2d, replace_batchnorm, replaced_layers, require_batchnorm
+from .norm import AlphaNorm2d, replace_batchnorm, replaced_layers, require_batchnorm, set_plain_attributes
 from .registry import register
 
 
@@ -45,6 +45,6 @@ class AlphaBN(Strategy):
         assert isinstance(config, AlphaBNConfig)
         net = self._net.get()
         for _, layer in replaced_layers(net, AlphaNorm2d):
-            layer.alpha = config.alpha
+            set_plain_attributes(layer, alpha=config.alpha)
         logits = net(x)
         return Step(logits=logits, state=AdapterState(steps=state.steps + 1), stats=prediction_stats(logits))

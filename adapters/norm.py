@@ -20,11 +20,26 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import native
 from .base import share_weights_copy
-from .moments import channel_moments, has_fast_moments, instance_moments, prefers_separate_moments
+from .moments import (
+    SEPARATE_MOMENTS_MIN_ELEMENTS,
+    channel_moments,
+    has_fast_moments,
+    instance_moments,
+    prefers_separate_moments,
+)
 
 #: BatchNorm's default momentum, used for UnMix-TNS when a layer has ``momentum=None`` (cumulative average).
 DEFAULT_BN_MOMENTUM = 0.1
+
+
+def small_input_kernels(x: torch.Tensor, *params: torch.Tensor | None) -> native.NativeKernels | None:
+    """The fused C kernels for an input small enough that PyTorch's per-op dispatch dominates (batch 1) and that
+    they can take as it is; None otherwise (then the PyTorch ops run, multi-threaded, on large inputs)."""
+    if x.numel() >= SEPARATE_MOMENTS_MIN_ELEMENTS or not native.accepts(x, *params):
+        return None
+    return native.kernels()
 
 
 class _ReplacedBatchNorm(nn.Module):
@@ -51,10 +66,14 @@ class BatchStatNorm2d(_ReplacedBatchNorm):
         super().__init__(bn, needs_source_stats=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        weight, bias, eps = self.weight, self.bias, self.eps  # each module attribute read costs ~0.6 µs
         if prefers_separate_moments(x):  # no gradient through the statistics: moments, then the fused normalisation
-            var, mean = channel_moments(x, self.eps)
-            return F.batch_norm(x, mean, var, self.weight, self.bias, training=False, momentum=0.0, eps=self.eps)
-        return F.batch_norm(x, None, None, self.weight, self.bias, training=True, momentum=0.0, eps=self.eps)
+            var, mean = channel_moments(x, eps)
+            return F.batch_norm(x, mean, var, weight, bias, training=False, momentum=0.0, eps=eps)
+        kernels = small_input_kernels(x, weight, bias)
+        if kernels is not None:
+            return kernels.channel_norm(x, None, None, 1.0, weight, bias, eps)
+        return F.batch_norm(x, None, None, weight, bias, training=True, momentum=0.0, eps=eps)
 
 
 class AlphaNorm2d(_ReplacedBatchNorm):
@@ -68,18 +87,22 @@ class AlphaNorm2d(_ReplacedBatchNorm):
         self.alpha = 0.1
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        eps = self.eps
+        weight, bias, eps, alpha = self.weight, self.bias, self.eps, self.alpha
+        source_mean, source_var = self.running_mean, self.running_var
+        kernels = small_input_kernels(x, weight, bias, source_mean, source_var)
+        if kernels is not None:
+            return kernels.channel_norm(x, source_mean, source_var, alpha, weight, bias, eps)
         if prefers_separate_moments(x) or (torch.is_grad_enabled() and x.requires_grad):
             var_t, mean_t = channel_moments(x, eps)
         else:
-            # Small input, where each op is the cost: BatchNorm's kernel gives invstd = 1/√(σ²_t + ε); blending
+            # Small input without the C kernels: BatchNorm's kernel gives invstd = 1/√(σ²_t + ε); blending
             # σ²_t + ε adds α·ε to the variance, which a final ε of (1 − α)·ε takes back.
             _, mean_t, invstd = torch.native_batch_norm(x, None, None, None, None, True, 0.0, eps)
-            var_t, eps = invstd.pow(-2), (1 - self.alpha) * eps
-        mean = torch.lerp(self.running_mean, mean_t, self.alpha)
-        var = torch.lerp(self.running_var, var_t, self.alpha)
+            var_t, eps = invstd.pow(-2), (1 - alpha) * eps
+        mean = torch.lerp(source_mean, mean_t, alpha)
+        var = torch.lerp(source_var, var_t, alpha)
         # Given explicit statistics, eval-mode batch_norm is just the fused normalisation (no gradients needed).
-        return F.batch_norm(x, mean, var, self.weight, self.bias, training=False, momentum=0.0, eps=eps)
+        return F.batch_norm(x, mean, var, weight, bias, training=False, momentum=0.0, eps=eps)
 
 
 class UnMixNorm2d(_ReplacedBatchNorm):
@@ -103,7 +126,7 @@ class UnMixNorm2d(_ReplacedBatchNorm):
         if self.components is None:
             raise RuntimeError("UnMixNorm2d needs its components assigned before a forward")
         means, variances = self.components
-        y, self.updated = unmix_normalise(
+        y, updated = unmix_normalise(
             x,
             means,
             variances,
@@ -115,6 +138,7 @@ class UnMixNorm2d(_ReplacedBatchNorm):
             reference_batch=self.reference_batch,
             update=self.update,
         )
+        set_plain_attributes(self, updated=updated)
         return y
 
 
@@ -136,8 +160,21 @@ def unmix_normalise(
     The K mixed components of sample b, (1−p_bk)·μ_k + p_bk·μ̃_b, enter only through their mean and spread over k,
     which are computed in closed form with K-contractions (the softmax rows sum to one) instead of materialising
     B×K×C tensors; around the components' centre, so that the second-moment difference stays well conditioned.
+    On the CPU without gradients the C kernels compute the same statistics in one call (the whole layer for small
+    inputs; the mixture statistics and update between PyTorch's moments and normalisation for large ones).
     """
+    # m = 1 − (1 − m_BN)^(B/B_max), spread over the batch: each sample pulls its components with weight rate·p_bk
+    rate = (1 - (1 - momentum) ** (x.shape[0] / reference_batch)) / x.shape[0]
+    kernels = native.kernels() if native.accepts(x, means, variances, weight, bias) else None
+    if kernels is not None and x.numel() < SEPARATE_MOMENTS_MIN_ELEMENTS:
+        y, new_means, new_vars = kernels.unmix_layer(x, means, variances, weight, bias, eps, temperature, rate, update)
+        return y, (new_means, new_vars)
     inst_var, inst_mean = instance_moments(x)  # B×C each
+    if kernels is not None:
+        mean, var, new_means, new_vars = kernels.unmix_stats(
+            inst_mean, inst_var, means, variances, temperature, rate, update
+        )
+        return _normalise_per_sample(x, mean, var, weight, bias, eps), (new_means, new_vars)
     num = means.shape[0]
     with torch.no_grad():
         similarity = F.normalize(inst_mean, dim=1) @ F.normalize(means, dim=1).T  # cosine, B×K
@@ -157,7 +194,6 @@ def unmix_normalise(
         return y, (means, variances)
     with torch.no_grad():
         # μ_k + m·mean_b[p_bk(μ̃_b − μ_k)] = μ_k·(1 − (m/B)·Σ_b p_bk) + (m/B)·(pᵀμ̃)_k, and the same for σ²_k
-        rate = (1 - (1 - momentum) ** (x.shape[0] / reference_batch)) / x.shape[0]
         keep = p.sum(dim=0).mul_(-rate).add_(1.0)[:, None]  # K×1
         new_means = torch.addmm(means * keep, p.T, inst_mean.detach(), alpha=rate)
         new_vars = torch.addmm(variances * keep, p.T, inst_var.detach(), alpha=rate)
@@ -228,11 +264,14 @@ def assign_components(
 ) -> None:
     """Give every ``UnMixNorm2d`` of a (thread-local) copy its components and settings for the next forward."""
     for name, layer in replaced_layers(module, UnMixNorm2d):
-        layer.components = (means[name], variances[name])
-        layer.temperature = temperature
-        layer.reference_batch = reference_batch
-        layer.update = update
-        layer.updated = None
+        set_plain_attributes(
+            layer,
+            components=(means[name], variances[name]),
+            temperature=temperature,
+            reference_batch=reference_batch,
+            update=update,
+            updated=None,
+        )
 
 
 def collect_components(module: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
@@ -262,6 +301,12 @@ def replaced_layers(module: nn.Module, kind: type[nn.Module]) -> list[tuple[str,
     if kind not in by_kind:
         by_kind[kind] = layers_of(module, kind)
     return by_kind[kind]
+
+
+def set_plain_attributes(module: nn.Module, **values: object) -> None:
+    """Set per-call settings (plain values, never parameters, buffers or modules) on a layer without
+    ``nn.Module.__setattr__``'s registry checks: ~3 µs each, and a batch-1 UnMix-TNS step sets ~100 of them."""
+    module.__dict__.update(values)
 
 
 def require_batchnorm(model: nn.Module) -> None:

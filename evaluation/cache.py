@@ -18,13 +18,6 @@ from .corruptions import CLEAN, Constants, corrupt_images
 from .datasets import ImageSet
 
 
-def default_cache_dir() -> Path:
-    """``$TTASERVE_CACHE``, else ``$XDG_CACHE_HOME/ttaserve``, else ``~/.cache/ttaserve``."""
-    if "TTASERVE_CACHE" in os.environ:
-        return Path(os.environ["TTASERVE_CACHE"])
-    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "ttaserve"
-
-
 def corruption_seed(name: str, seed: int) -> int:
     """One seed per corruption (methods.md: "seed numpy per corruption"), stable across runs and Python versions."""
     return (zlib.crc32(name.encode()) + seed) % 2**32

@@ -19,8 +19,9 @@ from pathlib import Path
 
 import torch
 
+from ttaserve.adapters.cache_dir import default_cache_dir
+
 from . import plots
-from .cache import default_cache_dir
 from .corruptions import CLEAN, CONSTANTS, CORRUPTIONS, FAMILIES
 from .datasets import ImageSet, label_map, load_cifar10, load_fashion_mnist, load_image_folder
 from .experts import ensure_expert, t3_domains, t3_methods

@@ -1,0 +1,195 @@
+"""The fused CPU kernels of ``kernels.c``: compiled on first use with the system C compiler, called through ctypes.
+
+Why a C file and not more PyTorch: at batch 1 on the CPU, UnMix-TNS's ~75 small tensor operations per layer cost
+~5 µs of dispatch each, several times the layer's arithmetic; one C call per layer does the same work in ~20 µs.
+A plain C file (no PyTorch headers) compiles in well under a second, so there is no build step to install: the
+shared library is built once into the cache folder (``$TTASERVE_CACHE``, default ``~/.cache/ttaserve``), keyed
+by a hash of the source and the compiler command. Where no compiler is found, compilation fails, or
+``TTASERVE_NATIVE_KERNELS=0`` is set, ``kernels()`` returns None (once, with a warning) and the layers keep their
+PyTorch path, which computes the same statistics.
+
+Callers pass contiguous float32 CPU tensors; the C side only reads and writes through their data pointers, with the
+GIL released, so several serving threads can run kernels at once.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import logging
+import math
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+import threading
+from pathlib import Path
+
+import torch
+
+from .cache_dir import default_cache_dir
+
+log = logging.getLogger(__name__)
+
+SOURCE = Path(__file__).with_name("kernels.c")
+#: Portable flags: no -march=native, so a cached library stays valid on any machine sharing the cache folder.
+CFLAGS = ("-O3", "-fPIC", "-shared", "-std=c99")
+
+_I64, _F64, _PTR = ctypes.c_int64, ctypes.c_double, ctypes.c_void_p
+
+
+class NativeKernels:
+    """Typed wrappers of the C functions; each takes and returns tensors, and validates nothing beyond what the
+    callers in ``norm.py`` guarantee (contiguous float32 CPU tensors of consistent shapes)."""
+
+    def __init__(self, library: ctypes.CDLL) -> None:
+        self._channel_norm = library.ttaserve_channel_norm
+        self._channel_norm.argtypes = [_PTR, _I64, _I64, _I64, _PTR, _PTR, _F64, _PTR, _PTR, _F64, _PTR]
+        self._channel_norm.restype = None
+        self._unmix_layer = library.ttaserve_unmix_layer
+        self._unmix_layer.argtypes = [_PTR, _I64, _I64, _I64, _PTR, _PTR, _I64, _PTR, _PTR, _F64, _F64, _F64]
+        self._unmix_layer.argtypes += [_PTR, _PTR, _PTR]
+        self._unmix_layer.restype = ctypes.c_int
+        self._unmix_stats = library.ttaserve_unmix_stats
+        self._unmix_stats.argtypes = [_PTR, _PTR, _I64, _I64, _PTR, _PTR, _I64, _F64, _F64, _PTR, _PTR, _PTR, _PTR]
+        self._unmix_stats.restype = ctypes.c_int
+
+    def channel_norm(
+        self,
+        x: torch.Tensor,
+        running_mean: torch.Tensor | None,
+        running_var: torch.Tensor | None,
+        alpha: float,
+        weight: torch.Tensor | None,
+        bias: torch.Tensor | None,
+        eps: float,
+    ) -> torch.Tensor:
+        """Normalise with per-channel batch statistics blended as (1−α)·source + α·batch (α = 1: TBN)."""
+        b, c = x.shape[:2]
+        y = torch.empty_like(x)
+        self._channel_norm(
+            x.data_ptr(), b, c, _row_length(x), _ptr(running_mean), _ptr(running_var), alpha,
+            _ptr(weight), _ptr(bias), eps, y.data_ptr(),
+        )  # fmt: skip
+        return y
+
+    def unmix_layer(
+        self,
+        x: torch.Tensor,
+        means: torch.Tensor,
+        variances: torch.Tensor,
+        weight: torch.Tensor | None,
+        bias: torch.Tensor | None,
+        eps: float,
+        temperature: float,
+        rate: float,
+        update: bool,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """A whole UnMix-TNS layer: (normalised x, new means, new variances); the components as given when not
+        ``update``."""
+        b, c = x.shape[:2]
+        y = torch.empty_like(x)
+        new_means, new_vars = (torch.empty_like(means), torch.empty_like(variances)) if update else (means, variances)
+        status = self._unmix_layer(
+            x.data_ptr(), b, c, _row_length(x), means.data_ptr(), variances.data_ptr(), means.shape[0],
+            _ptr(weight), _ptr(bias), eps, temperature, rate, y.data_ptr(),
+            new_means.data_ptr() if update else None, new_vars.data_ptr() if update else None,
+        )  # fmt: skip
+        if status != 0:
+            raise MemoryError(f"UnMix-TNS kernel: no memory for a batch of {b}x{c}")
+        return y, new_means, new_vars
+
+    def unmix_stats(
+        self,
+        inst_mean: torch.Tensor,
+        inst_var: torch.Tensor,
+        means: torch.Tensor,
+        variances: torch.Tensor,
+        temperature: float,
+        rate: float,
+        update: bool,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """UnMix-TNS statistics from given instance moments: (mean, variance, new means, new variances)."""
+        b, c = inst_mean.shape
+        mean, var = torch.empty_like(inst_mean), torch.empty_like(inst_var)
+        new_means, new_vars = (torch.empty_like(means), torch.empty_like(variances)) if update else (means, variances)
+        status = self._unmix_stats(
+            inst_mean.data_ptr(), inst_var.data_ptr(), b, c, means.data_ptr(), variances.data_ptr(), means.shape[0],
+            temperature, rate, mean.data_ptr(), var.data_ptr(),
+            new_means.data_ptr() if update else None, new_vars.data_ptr() if update else None,
+        )  # fmt: skip
+        if status != 0:
+            raise MemoryError(f"UnMix-TNS kernel: no memory for a batch of {b}x{c}")
+        return mean, var, new_means, new_vars
+
+
+def _row_length(x: torch.Tensor) -> int:
+    """H·W of an N×C×H×W tensor (elements per (sample, channel) row)."""
+    return math.prod(x.shape[2:])
+
+
+def _ptr(tensor: torch.Tensor | None) -> int | None:
+    return None if tensor is None else tensor.data_ptr()
+
+
+def accepts(*tensors: torch.Tensor | None) -> bool:
+    """Whether the kernels can take these tensors as they are: contiguous float32 on the CPU, none carrying a
+    gradient (the kernels are outside autograd)."""
+    grad = torch.is_grad_enabled()
+    for t in tensors:
+        if t is None:
+            continue
+        if t.dtype != torch.float32 or t.device.type != "cpu" or not t.is_contiguous() or (grad and t.requires_grad):
+            return False
+    return True
+
+
+_lock = threading.Lock()
+_loaded: list[NativeKernels | None] = []
+
+
+def kernels() -> NativeKernels | None:
+    """The compiled kernels, building them on the first call; None when they are turned off or cannot be built."""
+    if _loaded:
+        return _loaded[0]
+    with _lock:
+        if not _loaded:
+            _loaded.append(_load())
+    return _loaded[0]
+
+
+def _load() -> NativeKernels | None:
+    if os.environ.get("TTASERVE_NATIVE_KERNELS", "1").strip().lower() in {"0", "false", "no", "off"}:
+        log.info("native kernels turned off by TTASERVE_NATIVE_KERNELS; normalisation layers use PyTorch ops")
+        return None
+    try:
+        return NativeKernels(ctypes.CDLL(str(build_library())))
+    except (OSError, RuntimeError, subprocess.SubprocessError) as exc:
+        log.warning("native kernels unavailable (%s); normalisation layers use PyTorch ops (slower at batch 1)", exc)
+        return None
+
+
+def build_library() -> Path:
+    """Compile ``kernels.c`` into the cache folder unless a library of the same source and command is there."""
+    compiler = os.environ.get("CC", "cc")
+    if shutil.which(compiler) is None:
+        raise RuntimeError(f"no C compiler {compiler!r} on PATH (set CC)")
+    command = [compiler, *CFLAGS]
+    source = SOURCE.read_bytes()
+    key = hashlib.sha256(source + " ".join(command).encode() + platform.machine().encode()).hexdigest()[:16]
+    cache = default_cache_dir()
+    target = cache / f"kernels-{key}.so"
+    if target.is_file():
+        return target
+    cache.mkdir(parents=True, exist_ok=True)
+    # Build under a temporary name and rename: processes compiling at once never load a half-written library.
+    with tempfile.TemporaryDirectory(dir=cache) as tmp:
+        built = Path(tmp) / target.name
+        result = subprocess.run(
+            [*command, "-o", str(built), str(SOURCE), "-lm"], capture_output=True, text=True, timeout=120
+        )
+        if result.returncode != 0:
+            raise RuntimeError(f"{compiler} failed on {SOURCE.name}: {result.stderr.strip()[:2000]}")
+        os.replace(built, target)
+    return target

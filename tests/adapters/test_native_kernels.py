@@ -1,0 +1,201 @@
+"""The C kernels of ``adapters/kernels.c`` against the float64 references, and their fallback to PyTorch ops."""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import threading
+from pathlib import Path
+
+import pytest
+import torch
+from reference import alpha_norm, resnet20_forward, unmix_layer
+from torch import nn
+
+from ttaserve.adapters import Adapter, native
+
+SETTINGS = {"eps": 1e-5, "temperature": 0.07, "momentum": 0.1, "reference_batch": 64}
+
+
+@pytest.fixture(scope="module")
+def kernels() -> native.NativeKernels:
+    if shutil.which("cc") is None:
+        pytest.skip("no C compiler 'cc' on this machine: the kernels cannot be built (the PyTorch path is tested)")
+    built = native.kernels()
+    assert built is not None, "a C compiler is present but the kernels did not build; see the warning logged"
+    return built
+
+
+def _layer_inputs(b: int, c: int, h: int, w: int, seed: int, offset: float = 0.5) -> tuple[torch.Tensor, ...]:
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(b, c, h, w, generator=g) * 2 + offset
+    means = torch.randn(4, c, generator=g) + offset
+    variances = torch.rand(4, c, generator=g) + 0.5
+    weight, bias = torch.rand(c, generator=g) + 0.5, torch.randn(c, generator=g)
+    return x, means, variances, weight, bias
+
+
+def _rate(batch: int) -> float:
+    return (1 - (1 - SETTINGS["momentum"]) ** (batch / SETTINGS["reference_batch"])) / batch
+
+
+def _with_affine(y: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    return y * weight.double()[None, :, None, None] + bias.double()[None, :, None, None]
+
+
+@pytest.mark.parametrize("alpha", [0.0, 0.3, 1.0])
+@pytest.mark.parametrize("shape", [(1, 16, 32, 32), (3, 5, 7, 3)])  # rows of 1,024 and of 21 (not a multiple of 8)
+@pytest.mark.parametrize("offset", [0.0, 40.0])  # a mean 20x the spread: E[x²] − E[x]² in float32 would lose it
+def test_channel_norm_matches_float64(kernels: native.NativeKernels, alpha: float, shape: tuple, offset: float) -> None:
+    x, _, _, weight, bias = _layer_inputs(*shape, seed=1, offset=offset)
+    c = shape[1]
+    bn = nn.BatchNorm2d(c).eval()
+    with torch.no_grad():
+        bn.running_mean.normal_(offset, 1.0)
+        bn.running_var.uniform_(0.5, 2.0)
+        bn.weight.copy_(weight)
+        bn.bias.copy_(bias)
+    model = nn.Sequential()
+    model.add_module("bn", bn)
+    expected = alpha_norm(model, alpha)("bn", x.double())
+    y = kernels.channel_norm(x, bn.running_mean, bn.running_var, alpha, weight, bias, bn.eps)
+    torch.testing.assert_close(y.double(), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_channel_norm_without_affine_or_source_statistics_is_plain_batch_normalisation(
+    kernels: native.NativeKernels,
+) -> None:
+    x = _layer_inputs(2, 4, 5, 5, seed=2)[0]
+    expected = torch.nn.functional.batch_norm(x.double(), None, None, training=True, eps=1e-5)
+    torch.testing.assert_close(kernels.channel_norm(x, None, None, 1.0, None, None, 1e-5).double(), expected)
+
+
+@pytest.mark.parametrize("shape", [(1, 16, 32, 32), (5, 4, 6, 6), (2, 64, 3, 3)])
+@pytest.mark.parametrize("update", [True, False])
+def test_unmix_layer_matches_float64(kernels: native.NativeKernels, shape: tuple, update: bool) -> None:
+    x, means, variances, weight, bias = _layer_inputs(*shape, seed=3)
+    y, new_means, new_vars = kernels.unmix_layer(
+        x, means, variances, weight, bias, SETTINGS["eps"], SETTINGS["temperature"], _rate(shape[0]), update
+    )
+    ref_y, ref_means, ref_vars = unmix_layer(x, means, variances, **SETTINGS)
+    torch.testing.assert_close(y.double(), _with_affine(ref_y, weight, bias), rtol=1e-5, atol=1e-5)
+    if update:
+        torch.testing.assert_close(new_means.double(), ref_means, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(new_vars.double(), ref_vars, rtol=1e-5, atol=1e-6)
+        assert (new_means - means).abs().max() > 1e-5  # the components really moved
+    else:
+        assert new_means is means and new_vars is variances
+
+
+def test_unmix_stats_from_given_moments_match_float64(kernels: native.NativeKernels) -> None:
+    x, means, variances, _, _ = _layer_inputs(6, 8, 4, 4, seed=4)
+    inst_var, inst_mean = torch.var_mean(x, dim=(2, 3), correction=0)
+    mean, var, new_means, new_vars = kernels.unmix_stats(
+        inst_mean, inst_var, means, variances, SETTINGS["temperature"], _rate(6), True
+    )
+    ref_y, ref_means, ref_vars = unmix_layer(x, means, variances, **SETTINGS)
+    # the reference gives the normalised x; the statistics it used are recovered from it and x
+    y = (x.double() - mean.double()[..., None, None]) / torch.sqrt(var.double() + SETTINGS["eps"])[..., None, None]
+    torch.testing.assert_close(y, ref_y, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(new_means.double(), ref_means, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(new_vars.double(), ref_vars, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("strategy", ["tbn", "alpha_bn", "unmix_tns"])
+@pytest.mark.parametrize("batch_size", [1, 2, 16])  # whole-layer kernels, a mix, and the PyTorch moments throughout
+def test_strategies_give_the_same_outputs_with_and_without_the_kernels(
+    kernels: native.NativeKernels, monkeypatch: pytest.MonkeyPatch, resnet20: nn.Module, strategy: str, batch_size: int
+) -> None:
+    x = torch.randn(batch_size, 3, 32, 32, generator=torch.Generator().manual_seed(5))
+    with_kernels = Adapter(strategy, resnet20)
+    fast = [with_kernels(x) for _ in range(3)]  # a stateful stream advances: its state must match too
+    monkeypatch.setattr(native, "kernels", lambda: None)
+    without = Adapter(strategy, resnet20)
+    slow = [without(x) for _ in range(3)]
+    for a, b in zip(fast, slow, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+
+
+def test_tbn_at_batch_one_uses_the_kernels_and_matches_float64(
+    kernels: native.NativeKernels, resnet20: nn.Module
+) -> None:
+    x = torch.randn(1, 3, 32, 32, generator=torch.Generator().manual_seed(6))
+    calls = []
+    original = kernels.channel_norm
+
+    def counted(*args: object, **kwargs: object) -> torch.Tensor:
+        calls.append(1)
+        return original(*args, **kwargs)
+
+    kernels.channel_norm = counted  # type: ignore[method-assign]
+    try:
+        logits = Adapter("tbn", resnet20)(x)
+    finally:
+        del kernels.channel_norm
+    assert len(calls) == 19  # every BatchNorm2d of ResNet-20 at batch 1
+    torch.testing.assert_close(
+        logits.double(), resnet20_forward(resnet20, x, alpha_norm(resnet20, 1.0)), rtol=1e-4, atol=1e-4
+    )
+
+
+def test_kernels_run_concurrently_from_threads(kernels: native.NativeKernels) -> None:
+    x, means, variances, weight, bias = _layer_inputs(1, 16, 32, 32, seed=7)
+    expected = kernels.unmix_layer(x, means, variances, weight, bias, 1e-5, 0.07, _rate(1), True)
+    results: list[tuple[torch.Tensor, ...]] = []
+    lock = threading.Lock()
+
+    def run() -> None:
+        for _ in range(200):
+            out = kernels.unmix_layer(x, means, variances, weight, bias, 1e-5, 0.07, _rate(1), True)
+            with lock:
+                results.append(out)
+
+    threads = [threading.Thread(target=run) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(results) == 800
+    for out in results:
+        for a, b in zip(out, expected, strict=True):
+            assert torch.equal(a, b)
+
+
+def test_a_failing_build_falls_back_with_a_warning(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    monkeypatch.setenv("TTASERVE_CACHE", str(tmp_path))
+    monkeypatch.setenv("CC", "no-such-compiler-ttaserve")
+    with caplog.at_level(logging.WARNING, logger=native.__name__):
+        assert native._load() is None
+    assert "no C compiler 'no-such-compiler-ttaserve'" in caplog.text
+    assert not list(tmp_path.glob("*.so"))
+
+
+def test_a_compiler_error_falls_back_with_its_message(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    if shutil.which("cc") is None:
+        pytest.skip("no C compiler 'cc' on this machine")
+    broken = tmp_path / "kernels.c"
+    broken.write_text("this is not C\n")
+    monkeypatch.setattr(native, "SOURCE", broken)
+    monkeypatch.setenv("TTASERVE_CACHE", str(tmp_path / "cache"))
+    with caplog.at_level(logging.WARNING, logger=native.__name__):
+        assert native._load() is None
+    assert "cc failed on kernels.c" in caplog.text
+
+
+def test_kernels_can_be_turned_off(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("TTASERVE_NATIVE_KERNELS", "0")
+    assert native._load() is None
+
+
+def test_the_library_is_built_once_and_reused(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    if shutil.which("cc") is None:
+        pytest.skip("no C compiler 'cc' on this machine")
+    monkeypatch.setenv("TTASERVE_CACHE", str(tmp_path))
+    first = native.build_library()
+    stamp = first.stat().st_mtime_ns
+    assert native.build_library() == first and first.stat().st_mtime_ns == stamp
+    assert native._load() is not None
