@@ -113,6 +113,7 @@ class AdaptationServicer(adaptation_pb2_grpc.AdaptationServicer):
             strategy = model.strategy(key.strategy)
             with session.lock.hold():
                 session.state = initial_state(model, strategy, session.settings, deadline_of(context))
+                session.model_version, session.model_serial = model.version, model.serial
                 session.marginal = None
                 session.resets += 1
                 session.last_stats = {}
@@ -163,7 +164,7 @@ class AdaptationServicer(adaptation_pb2_grpc.AdaptationServicer):
                 payload = self.sessions.read_snapshot(key)
                 if payload is None:
                     raise NotFound(f"no snapshot of session {key.sequence_id!r} in {self.sessions.snapshot_dir}")
-            session = restore_payload(payload, strategy.state_cls, model.device)
+            session = restore_payload(payload, strategy.state_cls, model.device, model.serial)
             if (session.key.model, session.key.strategy) != (key.model, key.strategy):
                 raise InvalidArgument(
                     f"snapshot is of model '{session.key.model}' strategy '{session.key.strategy}', "

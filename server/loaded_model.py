@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import logging
 import threading
 from dataclasses import dataclass, field
@@ -46,6 +47,9 @@ class LoadedModel:
     warmups: dict[str, SourceWarmup] = field(default_factory=dict)
     #: set when the version is unloaded, replaced or the server stops
     closed: bool = False
+    #: unique per loaded instance: a reload of the same version gets a new one, so a session can tell whether the
+    #: weights its state was built on are still the ones served
+    serial: int = field(default_factory=itertools.count(1).__next__)
     _strategies: dict[str, Strategy] = field(default_factory=dict)
     _strategies_lock: threading.Lock = field(default_factory=threading.Lock)
     _build_locks: dict[str, threading.Lock] = field(default_factory=dict)

@@ -17,11 +17,11 @@ from ttaserve.adapters import strategy_names
 from ttaserve.protocol import kserve_v2_pb2 as pb
 
 from .codec import encode_bytes_elements, set_parameter
-from .errors import InvalidArgument, NotFound, ServingError
+from .errors import FailedPrecondition, InvalidArgument, NotFound, ServingError, Unavailable
 from .loaded_model import LoadedModel
 from .metrics import UNKNOWN, Metrics
 from .model_config import SessionSettings
-from .repository import ModelRepository
+from .repository import RELOADED, ModelRepository
 from .request import (
     STRATEGY_PARAMETER,
     ParsedRequest,
@@ -139,6 +139,7 @@ class Pipeline:
         with session.lock.hold():
             if session.ended:
                 raise NotFound(f"session {request.sequence_id!r} ended while this request waited for it")
+            self._check_same_weights(model, session)
             start = time.perf_counter_ns()
             x = torch.from_numpy(parsed.images).to(model.device)
             step = strategy.step(session.state, x, session.settings)
@@ -193,7 +194,7 @@ class Pipeline:
                 return session, ""
             payload = self.sessions.read_snapshot(key)
             if payload is not None:
-                session = session_from_payload(payload, strategy.state_cls, model.device)
+                session = session_from_payload(payload, strategy.state_cls, model.device, model.serial)
                 self.sessions.add(session)
                 log.info("session %s restored from its snapshot at step %d", key, session.steps)
                 return session, "restored"
@@ -202,11 +203,33 @@ class Pipeline:
         session = Session(
             key=key,
             model_version=model.version,
+            model_serial=model.serial,
             settings=parsed.settings,
             state=initial_state(model, strategy, parsed.settings, deadline),
         )
         self.sessions.add(session)
         return session, "started" if start else "created"
+
+    def _check_same_weights(self, model: LoadedModel, session: Session) -> None:
+        """Refuse to step a session whose state and this request's model are not of the same loaded weights.
+
+        A reload or unload ends the model's sessions, but a request that resolved the model just before it can
+        still open a session on the retired weights after that sweep, and a later request (on the new weights)
+        would then find it. Whichever of the two requests gets here first ends such a session; both are told to
+        retry, and the retry starts a fresh session on the weights now served.
+        """
+        if session.model_version != model.version:
+            raise FailedPrecondition(
+                f"session {session.key.sequence_id!r} runs on version {session.model_version} of model "
+                f"'{model.name}', not version {model.version}; end it or use another sequence id"
+            )
+        if model.closed or session.model_serial != model.serial:
+            if session.model_serial == model.serial or not model.closed:
+                self.sessions.discard(session, RELOADED)
+            raise Unavailable(
+                f"model '{model.name}' was reloaded or unloaded while this request was in flight; "
+                f"session {session.key.sequence_id!r} was ended: retry to start a fresh one"
+            )
 
     @staticmethod
     def _collapse_reason(

@@ -72,6 +72,8 @@ class Session:
     model_version: int
     settings: StrategyConfig
     state: AdapterState
+    #: ``LoadedModel.serial`` of the loaded model this state belongs to (0: not bound yet)
+    model_serial: int = 0
     created: float = field(default_factory=time.time)
     last_used: float = field(default_factory=time.time)
     resets: int = 0
@@ -151,6 +153,16 @@ class SessionTable:
             self._notify(session, reason)
         return session
 
+    def discard(self, session: Session, reason: str) -> None:
+        """End ``session`` and remove it if it is still the live one under its key (a newer one there stays)."""
+        with self._lock:
+            if self._sessions.get(session.key) is not session:
+                session.ended = True
+                return
+            del self._sessions[session.key]
+        session.ended = True
+        self._notify(session, reason)
+
     def sessions(self) -> list[Session]:
         with self._lock:
             return list(self._sessions.values())
@@ -222,8 +234,11 @@ def snapshot_payload(session: Session) -> dict:
     }
 
 
-def session_from_payload(payload: dict, state_cls: type[AdapterState], device: torch.device) -> Session:
-    """Rebuild a session from ``snapshot_payload``; refuses snapshots of another format or strategy."""
+def session_from_payload(
+    payload: dict, state_cls: type[AdapterState], device: torch.device, model_serial: int
+) -> Session:
+    """Rebuild a session from ``snapshot_payload`` for the loaded model ``model_serial``; refuses snapshots of
+    another format or strategy."""
     if payload.get("format") != 1:
         raise InvalidArgument(f"snapshot format {payload.get('format')!r} is not supported (expected 1)")
     caller, model, strategy, sequence_id = payload["key"]
@@ -237,6 +252,7 @@ def session_from_payload(payload: dict, state_cls: type[AdapterState], device: t
     return Session(
         key=key,
         model_version=int(payload["model_version"]),
+        model_serial=model_serial,
         settings=config_cls.model_validate_json(payload["settings"]),
         state=state,
         created=float(payload["created"]),

@@ -23,6 +23,7 @@ from ttaserve.adapters.base import SourceData
 from ttaserve.adapters.rmt import RMT, RMTConfig, RMTState
 from ttaserve.protocol import adaptation_pb2 as apb
 from ttaserve.protocol import adaptation_pb2_grpc
+from ttaserve.server import pipeline
 from ttaserve.server.app import ServerHandle
 from ttaserve.server.architectures import build_architecture
 
@@ -145,6 +146,45 @@ def test_reload_ends_the_sessions_of_the_old_weights(lifecycle: ServerHandle, ad
     assert listed(adaptation, "tiny") == set()
     assert removed(lifecycle, "tiny", "tent", "reloaded") == counted + live
     assert session_steps(infer(client, "tiny", "tent", "reload")) == (1, "created")
+
+
+def test_a_session_opened_on_weights_retired_mid_request_does_not_survive(
+    lifecycle: ServerHandle, adaptation, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The request resolves the model, then a reload retires those weights (sweeping their sessions) before the
+    request has opened its session: that session must not carry the old weights' state into the new ones."""
+    url = f"127.0.0.1:{lifecycle.grpc_port}"
+    client = tc.InferenceServerClient(url)
+    reloaded = threading.Event()
+    build_state = pipeline.initial_state
+
+    def reload_meanwhile(*args: object, **kwargs: object) -> object:
+        state = build_state(*args, **kwargs)
+        if not reloaded.is_set():
+            reloader = threading.Thread(target=lambda: tc.InferenceServerClient(url).load_model("tiny"))
+            reloader.start()
+            reloader.join()
+            reloaded.set()
+        return state
+
+    monkeypatch.setattr(pipeline, "initial_state", reload_meanwhile)
+    with pytest.raises(InferenceServerException) as raised:
+        infer(client, "tiny", "tent", "race", start=True)
+    assert reloaded.is_set()
+    assert raised.value.status() == "StatusCode.UNAVAILABLE"
+    assert "reloaded or unloaded while this request was in flight" in raised.value.message()
+    assert ("tent", "race") not in listed(adaptation, "tiny")
+    assert session_steps(infer(client, "tiny", "tent", "race")) == (1, "created")
+
+
+def test_a_session_is_bound_to_the_version_it_started_on(lifecycle: ServerHandle) -> None:
+    client = tc.InferenceServerClient(f"127.0.0.1:{lifecycle.grpc_port}")
+    infer(client, "tiny", "tent", "versioned", start=True, version="1")
+    with pytest.raises(InferenceServerException) as raised:
+        infer(client, "tiny", "tent", "versioned", version="2")
+    assert raised.value.status() == "StatusCode.FAILED_PRECONDITION"
+    assert "runs on version 1 of model 'tiny', not version 2" in raised.value.message()
+    assert session_steps(infer(client, "tiny", "tent", "versioned", version="1")) == (2, "")
 
 
 # --- background source warm-up ----------------------------------------------------------------------------------
