@@ -164,10 +164,13 @@ def _load() -> NativeKernels | None:
         log.info("native kernels turned off by TTASERVE_NATIVE_KERNELS; normalisation layers use PyTorch ops")
         return None
     try:
-        return NativeKernels(ctypes.CDLL(str(build_library())))
+        path = build_library()
+        loaded = NativeKernels(ctypes.CDLL(str(path)))
     except (OSError, RuntimeError, subprocess.SubprocessError) as exc:
         log.warning("native kernels unavailable (%s); normalisation layers use PyTorch ops (slower at batch 1)", exc)
         return None
+    log.info("native normalisation kernels loaded from %s", path)
+    return loaded
 
 
 def build_library() -> Path:

@@ -16,6 +16,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection, reflection_pb2
 
 import ttaserve.protocol
+from ttaserve.adapters import native
 from ttaserve.protocol import adaptation_pb2_grpc, grpc_service_pb2_grpc
 
 from .adaptation_service import AdaptationServicer
@@ -107,10 +108,14 @@ def start_server(settings: ServerSettings) -> ServerHandle:
         torch.backends.cudnn.allow_tf32 = False
         torch.backends.cuda.matmul.allow_tf32 = False
     device = resolve_device(settings.device)
+    # build or load the C normalisation kernels now (~0.3 s once), not inside a first request
+    kernels = "loaded" if native.kernels() is not None else "unavailable"
     log.info("device %s (torch %s, cuda available: %s)", device, torch.__version__, torch.cuda.is_available())
 
     metrics = Metrics()
-    metrics.server_info.info({"version": server_version(), "torch": torch.__version__, "device": str(device)})
+    metrics.server_info.info(
+        {"version": server_version(), "torch": torch.__version__, "device": str(device), "native_kernels": kernels}
+    )
     snapshot_dir = settings.snapshot_dir or Path("snapshots")
     sessions = SessionTable(
         max_sessions=settings.max_sessions,

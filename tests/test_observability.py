@@ -19,6 +19,7 @@ from tritonclient.utils import InferenceServerException
 from opskit.dashboard import load_dashboard, panel_queries, render
 from opskit.procs import Prometheus, prometheus, wait_until
 from opskit.traffic import infer, write_resnet
+from ttaserve.adapters import native
 from ttaserve.protocol import adaptation_pb2 as apb
 from ttaserve.protocol import adaptation_pb2_grpc
 from ttaserve.server.app import ServerHandle
@@ -167,6 +168,8 @@ def test_model_engine_and_server_info(observed: Observed) -> None:
         ("guarded", "pytorch", device),
     }
     assert prom.query("ttaserve_server_info")[0]["metric"]["torch"]
+    kernels = "loaded" if native.kernels() is not None else "unavailable"  # the server runs in this process
+    assert prom.query("ttaserve_server_info")[0]["metric"]["native_kernels"] == kernels
     assert prom.value("ttaserve_inflight_requests") == 0
     assert prom.value('up{job="ttaserve"}') == 1
 
