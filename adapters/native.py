@@ -29,6 +29,7 @@ from pathlib import Path
 import torch
 
 from .cache_dir import default_cache_dir
+from .moments import CANCELLATION_LIMIT
 
 log = logging.getLogger(__name__)
 
@@ -52,7 +53,8 @@ class NativeKernels:
         self._unmix_layer.argtypes += [_PTR, _PTR, _PTR]
         self._unmix_layer.restype = ctypes.c_int
         self._unmix_stats = library.ttaserve_unmix_stats
-        self._unmix_stats.argtypes = [_PTR, _PTR, _I64, _I64, _PTR, _PTR, _I64, _F64, _F64, _PTR, _PTR, _PTR, _PTR]
+        self._unmix_stats.argtypes = [_PTR, _PTR, _I64, _I64, _I64, _F64, _PTR, _PTR, _I64, _F64, _F64]
+        self._unmix_stats.argtypes += [_PTR, _PTR, _PTR, _PTR]
         self._unmix_stats.restype = ctypes.c_int
 
     def channel_norm(
@@ -102,23 +104,28 @@ class NativeKernels:
 
     def unmix_stats(
         self,
-        inst_mean: torch.Tensor,
-        inst_var: torch.Tensor,
+        first: torch.Tensor,
+        second: torch.Tensor,
+        row_length: int,
         means: torch.Tensor,
         variances: torch.Tensor,
         temperature: float,
         rate: float,
         update: bool,
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """UnMix-TNS statistics from given instance moments: (mean, variance, new means, new variances)."""
-        b, c = inst_mean.shape
-        mean, var = torch.empty_like(inst_mean), torch.empty_like(inst_var)
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor] | None:
+        """UnMix-TNS statistics (mean, variance, new means, new variances) from each (sample, channel) row's sum
+        and 2-norm over ``row_length`` elements, or (``row_length`` 0) from its mean and variance. None when the
+        sums cannot give the variance precisely (a mean large against the spread): then pass the moments."""
+        b, c = first.shape
+        mean, var = torch.empty_like(first), torch.empty_like(second)
         new_means, new_vars = (torch.empty_like(means), torch.empty_like(variances)) if update else (means, variances)
         status = self._unmix_stats(
-            inst_mean.data_ptr(), inst_var.data_ptr(), b, c, means.data_ptr(), variances.data_ptr(), means.shape[0],
-            temperature, rate, mean.data_ptr(), var.data_ptr(),
+            first.data_ptr(), second.data_ptr(), b, c, row_length, CANCELLATION_LIMIT, means.data_ptr(),
+            variances.data_ptr(), means.shape[0], temperature, rate, mean.data_ptr(), var.data_ptr(),
             new_means.data_ptr() if update else None, new_vars.data_ptr() if update else None,
         )  # fmt: skip
+        if status == 1:
+            return None
         if status != 0:
             raise MemoryError(f"UnMix-TNS kernel: no memory for a batch of {b}x{c}")
         return mean, var, new_means, new_vars

@@ -28,6 +28,7 @@ from .moments import (
     has_fast_moments,
     instance_moments,
     prefers_separate_moments,
+    row_sums_and_norms,
 )
 
 #: BatchNorm's default momentum, used for UnMix-TNS when a layer has ``momentum=None`` (cumulative average).
@@ -169,12 +170,17 @@ def unmix_normalise(
     if kernels is not None and x.numel() < SEPARATE_MOMENTS_MIN_ELEMENTS:
         y, new_means, new_vars = kernels.unmix_layer(x, means, variances, weight, bias, eps, temperature, rate, update)
         return y, (new_means, new_vars)
-    inst_var, inst_mean = instance_moments(x)  # B×C each
     if kernels is not None:
-        mean, var, new_means, new_vars = kernels.unmix_stats(
-            inst_mean, inst_var, means, variances, temperature, rate, update
-        )
+        rows = x.flatten(2)
+        sums, norms = row_sums_and_norms(rows)
+        stats = kernels.unmix_stats(sums, norms, rows.shape[-1], means, variances, temperature, rate, update)
+        if stats is None:  # ill-conditioned sums: the moments around the mean
+            inst_var, inst_mean = instance_moments(x)
+            stats = kernels.unmix_stats(inst_mean, inst_var, 0, means, variances, temperature, rate, update)
+        assert stats is not None
+        mean, var, new_means, new_vars = stats
         return _normalise_per_sample(x, mean, var, weight, bias, eps), (new_means, new_vars)
+    inst_var, inst_mean = instance_moments(x)  # B×C each
     num = means.shape[0]
     with torch.no_grad():
         similarity = F.normalize(inst_mean, dim=1) @ F.normalize(means, dim=1).T  # cosine, B×K

@@ -13,6 +13,7 @@ from reference import alpha_norm, resnet20_forward, unmix_layer
 from torch import nn
 
 from ttaserve.adapters import Adapter, native
+from ttaserve.adapters.norm import unmix_normalise
 
 SETTINGS = {"eps": 1e-5, "temperature": 0.07, "momentum": 0.1, "reference_batch": 64}
 
@@ -87,18 +88,43 @@ def test_unmix_layer_matches_float64(kernels: native.NativeKernels, shape: tuple
         assert new_means is means and new_vars is variances
 
 
-def test_unmix_stats_from_given_moments_match_float64(kernels: native.NativeKernels) -> None:
+@pytest.mark.parametrize("from_sums", [True, False])
+def test_unmix_stats_match_float64(kernels: native.NativeKernels, from_sums: bool) -> None:
     x, means, variances, _, _ = _layer_inputs(6, 8, 4, 4, seed=4)
-    inst_var, inst_mean = torch.var_mean(x, dim=(2, 3), correction=0)
-    mean, var, new_means, new_vars = kernels.unmix_stats(
-        inst_mean, inst_var, means, variances, SETTINGS["temperature"], _rate(6), True
-    )
+    rows = x.flatten(2)
+    if from_sums:
+        first, second, length = rows.sum(-1), torch.linalg.vector_norm(rows, dim=-1), rows.shape[-1]
+    else:
+        second, first = torch.var_mean(x, dim=(2, 3), correction=0)
+        length = 0
+    stats = kernels.unmix_stats(first, second, length, means, variances, SETTINGS["temperature"], _rate(6), True)
+    assert stats is not None
+    mean, var, new_means, new_vars = stats
     ref_y, ref_means, ref_vars = unmix_layer(x, means, variances, **SETTINGS)
     # the reference gives the normalised x; the statistics it used are recovered from it and x
     y = (x.double() - mean.double()[..., None, None]) / torch.sqrt(var.double() + SETTINGS["eps"])[..., None, None]
     torch.testing.assert_close(y, ref_y, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(new_means.double(), ref_means, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(new_vars.double(), ref_vars, rtol=1e-5, atol=1e-6)
+
+
+def test_unmix_stats_refuse_sums_that_cannot_give_a_precise_variance(kernels: native.NativeKernels) -> None:
+    x, means, variances, _, _ = _layer_inputs(2, 4, 8, 8, seed=5)
+    x[1, 2] = x[1, 2] * 0.01 + 30.0  # one row with a mean 1,500x its spread
+    rows = x.flatten(2)
+    sums, norms = rows.sum(-1), torch.linalg.vector_norm(rows, dim=-1)
+    assert kernels.unmix_stats(sums, norms, rows.shape[-1], means, variances, 0.07, _rate(2), True) is None
+
+
+def test_unmix_layer_with_a_large_mean_matches_float64_through_the_fallback() -> None:
+    """A large input whose row sums are ill-conditioned: the moments are computed around the mean instead."""
+    x, means, variances, weight, bias = _layer_inputs(16, 16, 16, 16, seed=6)
+    x[3, 5] = x[3, 5] * 0.01 + 30.0
+    y, (new_means, new_vars) = unmix_normalise(x, means, variances, weight, bias, **SETTINGS)
+    ref_y, ref_means, ref_vars = unmix_layer(x, means, variances, **SETTINGS)
+    torch.testing.assert_close(y.double(), _with_affine(ref_y, weight, bias), rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(new_means.double(), ref_means, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(new_vars.double(), ref_vars, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("strategy", ["tbn", "alpha_bn", "unmix_tns"])
