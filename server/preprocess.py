@@ -10,7 +10,6 @@ import io
 import warnings
 
 import numpy as np
-import torch
 from PIL import Image, UnidentifiedImageError
 
 from .errors import InvalidArgument
@@ -36,10 +35,10 @@ class Preprocessor:
         # x * scale + shift == (x - mean) / std, with x in [0, 1] (UINT8 pixels are x * 255)
         shape = (1, channels, 1, 1)
         self._scale = {
-            np.dtype(np.float32): torch.from_numpy((1.0 / std).reshape(shape).astype(np.float32)),
-            np.dtype(np.uint8): torch.from_numpy((1.0 / (255.0 * std)).reshape(shape).astype(np.float32)),
+            np.dtype(np.float32): (1.0 / std).reshape(shape).astype(np.float32),
+            np.dtype(np.uint8): (1.0 / (255.0 * std)).reshape(shape).astype(np.float32),
         }
-        self._shift = torch.from_numpy((-mean / std).reshape(shape).astype(np.float32))
+        self._shift = (-mean / std).reshape(shape).astype(np.float32)
         self._resample = _RESAMPLE[preprocessing.resample]
 
     def from_array(self, array: np.ndarray, name: str) -> np.ndarray:
@@ -58,11 +57,13 @@ class Preprocessor:
             raise InvalidArgument(f"input '{name}': datatype must be UINT8, FP32 or BYTES, got {array.dtype}")
         if array.dtype == np.float32 and not np.isfinite(array).all():
             raise InvalidArgument(f"input '{name}': contains NaN or Inf values")
-        # One strided pass converts and reorders into a fresh contiguous array; PyTorch then scales and shifts it in
-        # place on its intra-op threads (2.5x faster at batch 64 than a per-channel lookup table).
+        # One strided pass converts and reorders into a fresh contiguous array, two in-place passes scale and shift it:
+        # 1.8x faster than a per-channel lookup table at batch 64. Single-threaded on purpose: waking PyTorch's
+        # intra-op threads for this, between two engine runs, measured tail latencies of tens of milliseconds.
         out = np.empty(nchw.shape, dtype=np.float32)
         np.copyto(out, nchw, casting="unsafe")
-        torch.from_numpy(out).mul_(self._scale[array.dtype]).add_(self._shift)
+        out *= self._scale[array.dtype]
+        out += self._shift
         return out
 
     def from_encoded(self, images: list[bytes], name: str) -> np.ndarray:
