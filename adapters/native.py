@@ -183,15 +183,15 @@ def _load() -> NativeKernels | None:
 def build_library() -> Path:
     """Compile ``kernels.c`` into the cache folder unless a library of the same source and command is there."""
     compiler = os.environ.get("CC", "cc")
-    if shutil.which(compiler) is None:
-        raise RuntimeError(f"no C compiler {compiler!r} on PATH (set CC)")
     command = [compiler, *CFLAGS]
     source = SOURCE.read_bytes()
     key = hashlib.sha256(source + " ".join(command).encode() + platform.machine().encode()).hexdigest()[:16]
     cache = default_cache_dir()
     target = cache / f"kernels-{key}.so"
-    if target.is_file():
+    if target.is_file():  # built before (perhaps into an image, on a machine that had the compiler)
         return target
+    if shutil.which(compiler) is None:
+        raise RuntimeError(f"no C compiler {compiler!r} on PATH (set CC)")
     cache.mkdir(parents=True, exist_ok=True)
     # Build under a temporary name and rename: processes compiling at once never load a half-written library.
     with tempfile.TemporaryDirectory(dir=cache) as tmp:
