@@ -108,6 +108,13 @@ def test_unmix_stats_match_float64(kernels: native.NativeKernels, from_sums: boo
     torch.testing.assert_close(new_vars.double(), ref_vars, rtol=1e-5, atol=1e-6)
 
 
+def test_unmix_layer_without_affine_matches_float64(kernels: native.NativeKernels) -> None:
+    x, means, variances, _, _ = _layer_inputs(3, 6, 5, 5, seed=8)
+    y, _, _ = kernels.unmix_layer(x, means, variances, None, None, 1e-5, 0.07, _rate(3), False)
+    ref_y, _, _ = unmix_layer(x, means, variances, **SETTINGS)
+    torch.testing.assert_close(y.double(), ref_y, rtol=1e-5, atol=1e-5)
+
+
 def test_unmix_stats_refuse_sums_that_cannot_give_a_precise_variance(kernels: native.NativeKernels) -> None:
     x, means, variances, _, _ = _layer_inputs(2, 4, 8, 8, seed=5)
     x[1, 2] = x[1, 2] * 0.01 + 30.0  # one row with a mean 1,500x its spread
