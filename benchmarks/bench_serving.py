@@ -92,7 +92,8 @@ def start_server(repo: Path, port: int, device: str) -> subprocess.Popen:
         "--metrics-port",
         str(free_port()),
     ]
-    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    # cwd: the server writes session snapshots under its working directory
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, cwd=repo)
     client = tc.InferenceServerClient(f"127.0.0.1:{port}")
     deadline = time.time() + 60
     while time.time() < deadline:

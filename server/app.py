@@ -19,6 +19,7 @@ import ttaserve.protocol
 from ttaserve.adapters import native
 from ttaserve.protocol import adaptation_pb2_grpc, grpc_service_pb2_grpc
 
+from . import compute
 from .adaptation_service import AdaptationServicer
 from .engines.torch_engine import resolve_device
 from .inference_service import InferenceServicer, InflightTracker, server_version
@@ -92,6 +93,7 @@ class ServerHandle:
         self.server.stop(grace_s).wait()
         self.metrics.close()
         self.repository.close()
+        compute.release()
 
     def wait(self, timeout_s: float | None = None) -> bool:
         """True once the server has stopped; ``timeout_s`` bounds the wait."""
@@ -100,8 +102,16 @@ class ServerHandle:
 
 def start_server(settings: ServerSettings) -> ServerHandle:
     logging.basicConfig(level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    if settings.torch_threads:
-        torch.set_num_threads(settings.torch_threads)
+    # PyTorch computes on one thread with settings.torch_threads intra-op threads; every other thread, single-threaded
+    compute.acquire(settings.torch_threads)
+    try:
+        return _start_server(settings)
+    except BaseException:
+        compute.release()
+        raise
+
+
+def _start_server(settings: ServerSettings) -> ServerHandle:
     if settings.deterministic:
         torch.backends.cudnn.deterministic = True
         torch.backends.cudnn.benchmark = False
@@ -133,7 +143,7 @@ def start_server(settings: ServerSettings) -> ServerHandle:
         on_change=lambda name: metrics.update_model(repository, name),
         on_retired=lambda name, reason: _drop_sessions(sessions, name, reason),
     )
-    repository.load_all(settings.models)
+    compute.run(repository.load_all, settings.models)  # loading's tensor copies start no second OpenMP team
 
     pipeline = Pipeline(repository, sessions, metrics)
     inflight = InflightTracker()
@@ -143,7 +153,9 @@ def start_server(settings: ServerSettings) -> ServerHandle:
 
     limit = settings.max_message_mb * 1024 * 1024
     server = grpc.server(
-        futures.ThreadPoolExecutor(max_workers=settings.workers, thread_name_prefix="ttaserve-rpc"),
+        futures.ThreadPoolExecutor(
+            max_workers=settings.workers, thread_name_prefix="ttaserve-rpc", initializer=compute.single_threaded
+        ),
         options=[
             ("grpc.max_receive_message_length", limit),
             ("grpc.max_send_message_length", limit),

@@ -16,6 +16,7 @@ import torch
 from ttaserve.adapters import strategy_names
 from ttaserve.protocol import kserve_v2_pb2 as pb
 
+from . import compute
 from .codec import encode_bytes_elements, set_parameter
 from .errors import FailedPrecondition, InvalidArgument, NotFound, ServingError, Unavailable
 from .loaded_model import LoadedModel
@@ -121,7 +122,7 @@ class Pipeline:
         strategy = model.strategy(parsed.strategy)
         start = time.perf_counter_ns()
         state = initial_state(model, strategy, parsed.settings, deadline)
-        step = strategy.step(state, torch.from_numpy(parsed.images).to(model.device), parsed.settings)
+        step = compute.run(strategy.step, state, torch.from_numpy(parsed.images).to(model.device), parsed.settings)
         logits = step.logits.detach().float().cpu().numpy()
         infer_ns = time.perf_counter_ns() - start
         model.statistics.record_execution(len(logits), infer_ns)
@@ -142,7 +143,7 @@ class Pipeline:
             self._check_same_weights(model, session)
             start = time.perf_counter_ns()
             x = torch.from_numpy(parsed.images).to(model.device)
-            step = strategy.step(session.state, x, session.settings)
+            step = compute.run(strategy.step, session.state, x, session.settings)
             logits = step.logits.detach().float()
             reason = self._collapse_reason(session, logits, step.stats, model.config.sessions)
             if reason:
@@ -151,7 +152,7 @@ class Pipeline:
                 session.marginal = None
                 session.resets += 1
                 self.metrics.session_resets.labels(model.name, parsed.strategy, "collapse").inc()
-                step = strategy.step(session.state, x, session.settings)
+                step = compute.run(strategy.step, session.state, x, session.settings)
                 logits = step.logits.detach().float()
                 event = f"collapse: {reason}"
             session.state = step.state

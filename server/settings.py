@@ -32,7 +32,7 @@ class ServerSettings(BaseSettings):
     #: matmuls, so a session gives the same outputs alone, interleaved with others, or resumed from a snapshot;
     #: turn off for speed when that does not matter
     deterministic: bool = True
-    #: torch intra-op threads (0 = torch's default)
+    #: intra-op threads of the thread that runs PyTorch's computation (0 = torch's default: every core)
     torch_threads: int = Field(default=0, ge=0)
     #: live sessions kept before the least recently used is evicted
     max_sessions: int = Field(default=1024, gt=0)

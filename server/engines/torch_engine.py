@@ -6,6 +6,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from .. import compute
 from .base import Engine
 
 
@@ -30,7 +31,10 @@ class TorchEngine(Engine):
         self.device = str(device)
         self.providers = (f"torch-{torch.__version__}",)
 
-    @torch.inference_mode()
     def infer(self, x: np.ndarray) -> np.ndarray:
+        return compute.run(self._forward, x)
+
+    @torch.inference_mode()
+    def _forward(self, x: np.ndarray) -> np.ndarray:
         tensor = torch.from_numpy(x).to(self.torch_device, non_blocking=True)
         return self.module(tensor).float().cpu().numpy()
