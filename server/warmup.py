@@ -16,6 +16,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -199,6 +200,31 @@ def initial_state(
             log.warning("request refused at its deadline: %s", message)
             raise Unavailable(message)
     try:
+        if warms_up(settings):
+            return _in_own_thread(strategy.init_state, settings)
         return strategy.init_state(settings)
     except StrategyClosed:
         raise Unavailable(f"model '{model.name}' was unloaded or reloaded while this request started") from None
+
+
+def _in_own_thread(fn: Callable[[StrategyConfig], AdapterState], settings: StrategyConfig) -> AdapterState:
+    """``fn(settings)`` on a short-lived thread of its own, waited for.
+
+    A state that may start with a source warm-up (minutes of training) must not run on the compute thread, which
+    would stall every other request, nor on the calling gRPC thread, which runs PyTorch single-threaded
+    (``compute.py``). A thread of its own may use every core; its OpenMP team ends with it.
+    """
+    outcome: list[AdapterState | BaseException] = []
+
+    def target() -> None:
+        try:
+            outcome.append(fn(settings))
+        except BaseException as exc:  # re-raised in the waiting thread
+            outcome.append(exc)
+
+    thread = threading.Thread(target=target, name="ttaserve-init-state", daemon=True)
+    thread.start()
+    thread.join()
+    if isinstance(outcome[0], BaseException):
+        raise outcome[0]
+    return outcome[0]

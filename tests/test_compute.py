@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -11,10 +13,13 @@ import torch
 import tritonclient.grpc as tc
 from support import start, write_model
 
+from ttaserve.adapters import StrategyClosed
+from ttaserve.adapters.rmt import RMTConfig
 from ttaserve.adapters.tbn import TBN
-from ttaserve.server import compute, pipeline
+from ttaserve.server import compute, pipeline, warmup
 from ttaserve.server.architectures import build_architecture
 from ttaserve.server.engines.torch_engine import TorchEngine
+from ttaserve.server.errors import Unavailable
 
 
 def test_jobs_run_on_the_compute_thread_with_its_thread_count() -> None:
@@ -122,3 +127,60 @@ def test_served_forwards_and_steps_run_on_the_compute_thread(tmp_path: Path, mon
     assert compute_threads == 2 or users > 0  # 2 as configured, unless another server had started the thread
     assert handlers == {("ttaserve-rpc", 1)}
     assert compute._users[0] == users
+
+
+class _RecordingStrategy:
+    name = "rmt"
+
+    def __init__(self, fail: BaseException | None = None) -> None:
+        self.fail = fail
+        self.seen: list[tuple[str, int]] = []
+
+    def init_state(self, settings: object) -> str:
+        self.seen.append((threading.current_thread().name, torch.get_num_threads()))
+        if self.fail is not None:
+            raise self.fail
+        return "state"
+
+
+def _from_a_single_threaded_handler(fn: Callable[[], object]) -> object:
+    """``fn()`` on a thread set up like a gRPC worker; returns its result or the exception it raised."""
+    outcome: list[object] = []
+
+    def target() -> None:
+        compute.single_threaded()
+        try:
+            outcome.append(fn())
+        except BaseException as exc:
+            outcome.append(exc)
+
+    thread = threading.Thread(target=target)
+    thread.start()
+    thread.join()
+    return outcome[0]
+
+
+def test_a_state_that_may_warm_up_is_built_on_a_thread_that_may_use_every_core() -> None:
+    model = SimpleNamespace(name="m", warmups={})
+    strategy = _RecordingStrategy()
+    fresh: list[int] = []
+    probe = threading.Thread(target=lambda: fresh.append(torch.get_num_threads()))
+    probe.start()
+    probe.join()
+
+    result = _from_a_single_threaded_handler(lambda: warmup.initial_state(model, strategy, RMTConfig(), None))
+    assert result == "state"
+    assert strategy.seen == [("ttaserve-init-state", fresh[0])]
+
+    without_warmup = _from_a_single_threaded_handler(
+        lambda: warmup.initial_state(model, strategy, RMTConfig(warmup_samples=0), None)
+    )
+    assert without_warmup == "state"
+    assert strategy.seen[1][1] == 1  # no warm-up: built in place, on the single-threaded handler
+
+
+def test_a_warm_up_interrupted_by_an_unload_is_answered_unavailable() -> None:
+    model = SimpleNamespace(name="m", warmups={})
+    strategy = _RecordingStrategy(fail=StrategyClosed("closed"))
+    result = _from_a_single_threaded_handler(lambda: warmup.initial_state(model, strategy, RMTConfig(), None))
+    assert isinstance(result, Unavailable) and "unloaded or reloaded" in str(result)
