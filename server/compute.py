@@ -9,8 +9,9 @@ thread, 7–9 ms once a second thread had run one — the served PyTorch model w
 So the heavy work (engine forwards, adaptation steps, model loading) is handed to one long-lived thread, the only
 long-lived OpenMP master with more than one thread (``torch_threads``, default all cores), and the gRPC worker threads
 that hand it over run ``single_threaded()`` first, so the light tensor work they still do (parsing, initial states,
-snapshots) never starts a team. The hand-over costs ~30–60 µs per call. A background source warm-up keeps its own
-team: it competes for the cores anyway while it runs, and its team ends with its thread.
+snapshots) never starts a team. The hand-over costs ~30–60 µs per call. Source warm-ups (in the background after a
+load, or for a state whose settings need a new one) run on threads of their own: they compete for the cores anyway
+while they run, and their teams end with their threads.
 
 OpenMP teams belong to the process, so the compute thread does too: servers started in one process (tests) share it
 (``acquire`` / ``release`` count them), and without a server (the adapters as a library, the evaluation harness,
