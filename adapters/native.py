@@ -92,14 +92,12 @@ class NativeKernels:
         ``update``."""
         b, c = x.shape[:2]
         y = torch.empty_like(x)
-        new_means, new_vars = (torch.empty_like(means), torch.empty_like(variances)) if update else (means, variances)
+        new_means, new_vars, outputs = _component_outputs(means, variances, update)
         status = self._unmix_layer(
             x.data_ptr(), b, c, _row_length(x), means.data_ptr(), variances.data_ptr(), means.shape[0],
-            _ptr(weight), _ptr(bias), eps, temperature, rate, y.data_ptr(),
-            new_means.data_ptr() if update else None, new_vars.data_ptr() if update else None,
+            _ptr(weight), _ptr(bias), eps, temperature, rate, y.data_ptr(), *outputs,
         )  # fmt: skip
-        if status != 0:
-            raise MemoryError(f"UnMix-TNS kernel: no memory for a batch of {b}x{c}")
+        _raise_if_out_of_memory(status, b, c)
         return y, new_means, new_vars
 
     def unmix_stats(
@@ -118,17 +116,31 @@ class NativeKernels:
         sums cannot give the variance precisely (a mean large against the spread): then pass the moments."""
         b, c = first.shape
         mean, var = torch.empty_like(first), torch.empty_like(second)
-        new_means, new_vars = (torch.empty_like(means), torch.empty_like(variances)) if update else (means, variances)
+        new_means, new_vars, outputs = _component_outputs(means, variances, update)
         status = self._unmix_stats(
             first.data_ptr(), second.data_ptr(), b, c, row_length, CANCELLATION_LIMIT, means.data_ptr(),
-            variances.data_ptr(), means.shape[0], temperature, rate, mean.data_ptr(), var.data_ptr(),
-            new_means.data_ptr() if update else None, new_vars.data_ptr() if update else None,
+            variances.data_ptr(), means.shape[0], temperature, rate, mean.data_ptr(), var.data_ptr(), *outputs,
         )  # fmt: skip
         if status == 1:
             return None
-        if status != 0:
-            raise MemoryError(f"UnMix-TNS kernel: no memory for a batch of {b}x{c}")
+        _raise_if_out_of_memory(status, b, c)
         return mean, var, new_means, new_vars
+
+
+def _component_outputs(
+    means: torch.Tensor, variances: torch.Tensor, update: bool
+) -> tuple[torch.Tensor, torch.Tensor, tuple[int | None, int | None]]:
+    """The UnMix-TNS components a kernel call returns — fresh tensors it fills, or (not ``update``) the given ones
+    unchanged — and the output pointers to pass it (NULL when not updating)."""
+    if not update:
+        return means, variances, (None, None)
+    new_means, new_vars = torch.empty_like(means), torch.empty_like(variances)
+    return new_means, new_vars, (new_means.data_ptr(), new_vars.data_ptr())
+
+
+def _raise_if_out_of_memory(status: int, batch: int, channels: int) -> None:
+    if status != 0:
+        raise MemoryError(f"UnMix-TNS kernel: no memory for a batch of {batch}x{channels}")
 
 
 def _row_length(x: torch.Tensor) -> int:
