@@ -15,21 +15,17 @@ GIL released, so several serving threads can run kernels at once.
 from __future__ import annotations
 
 import ctypes
-import hashlib
 import logging
 import math
 import os
-import platform
-import shutil
 import subprocess
-import tempfile
 import threading
 from pathlib import Path
 
 import torch
 
-from .cache_dir import default_cache_dir
 from .moments import CANCELLATION_LIMIT
+from .native_build import build_shared_library
 
 log = logging.getLogger(__name__)
 
@@ -194,24 +190,4 @@ def _load() -> NativeKernels | None:
 
 def build_library() -> Path:
     """Compile ``kernels.c`` into the cache folder unless a library of the same source and command is there."""
-    compiler = os.environ.get("CC", "cc")
-    command = [compiler, *CFLAGS]
-    source = SOURCE.read_bytes()
-    key = hashlib.sha256(source + " ".join(command).encode() + platform.machine().encode()).hexdigest()[:16]
-    cache = default_cache_dir()
-    target = cache / f"kernels-{key}.so"
-    if target.is_file():  # built before (perhaps into an image, on a machine that had the compiler)
-        return target
-    if shutil.which(compiler) is None:
-        raise RuntimeError(f"no C compiler {compiler!r} on PATH (set CC)")
-    cache.mkdir(parents=True, exist_ok=True)
-    # Build under a temporary name and rename: processes compiling at once never load a half-written library.
-    with tempfile.TemporaryDirectory(dir=cache) as tmp:
-        built = Path(tmp) / target.name
-        result = subprocess.run(
-            [*command, "-o", str(built), str(SOURCE), "-lm"], capture_output=True, text=True, timeout=120
-        )
-        if result.returncode != 0:
-            raise RuntimeError(f"{compiler} failed on {SOURCE.name}: {result.stderr.strip()[:2000]}")
-        os.replace(built, target)
-    return target
+    return build_shared_library(SOURCE, "kernels", [os.environ.get("CC", "cc"), *CFLAGS], ["-lm"])

@@ -8,7 +8,10 @@ camera sends); the server decodes and normalises them, the baseline gets already
 cost alone), so the ratio charges the server for all of its work.
 
     python benchmarks/bench_serving.py [--rounds 5] [--seconds 2] [--engine onnx|torch-cuda]
-                                       [--batch-sizes 1 64] [--clients 1 4]
+                                       [--batch-sizes 1 64] [--clients 1 4] [--frontends native python]
+
+Each gRPC front end (``--frontends``: the native C++ one and grpcio's Python server) gets a server process of its
+own; both run throughout, and each round measures every front end, so their ratios come from the same rounds.
 
 ``--engine torch-cuda`` serves the PyTorch model on the GPU and compares with the same network's in-process CUDA
 forward (synchronised), for machines whose ONNX Runtime has no CUDA provider.
@@ -75,7 +78,7 @@ def make_repository(root: Path, onnx_bytes: bytes, state_dict: dict | None = Non
     (model_dir / "config.yaml").write_text(yaml.safe_dump(config))
 
 
-def start_server(repo: Path, port: int, device: str) -> subprocess.Popen:
+def start_server(repo: Path, port: int, device: str, frontend: str) -> subprocess.Popen:
     command = [
         sys.executable,
         "-m",
@@ -91,6 +94,8 @@ def start_server(repo: Path, port: int, device: str) -> subprocess.Popen:
         device,
         "--metrics-port",
         str(free_port()),
+        "--frontend",
+        frontend,
     ]
     # cwd: the server writes session snapshots under its working directory
     process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, cwd=repo)
@@ -176,6 +181,7 @@ def main() -> None:
     parser.add_argument("--engine", choices=("onnx", "torch-cuda"), default="onnx")
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 64])
     parser.add_argument("--clients", type=int, nargs="+", default=[1, 4])
+    parser.add_argument("--frontends", nargs="+", choices=("native", "python"), default=["native", "python"])
     args = parser.parse_args()
 
     model = build_architecture("cifar_resnet20")
@@ -194,28 +200,31 @@ def main() -> None:
     forward = cuda_forward(model) if on_gpu else onnx_forward(session)
 
     rng = np.random.default_rng(0)
-    scenarios = [(b, c) for b in args.batch_sizes for c in args.clients]
+    scenarios = [(f, b, c) for b in args.batch_sizes for c in args.clients for f in args.frontends]
     batches = {b: rng.integers(0, 256, (b, 32, 32, 3), dtype=np.uint8) for b in args.batch_sizes}
-    ratios: dict[tuple[int, int], list[float]] = {s: [] for s in scenarios}
-    served: dict[tuple[int, int], list[Measurement]] = {s: [] for s in scenarios}
+    ratios: dict[tuple[str, int, int], list[float]] = {s: [] for s in scenarios}
+    served: dict[tuple[str, int, int], list[Measurement]] = {s: [] for s in scenarios}
     baseline: dict[int, list[Measurement]] = {b: [] for b in args.batch_sizes}
 
     with tempfile.TemporaryDirectory() as tmp:
         make_repository(Path(tmp), onnx_bytes, model.state_dict() if on_gpu else None)
-        port = free_port()
-        process = start_server(Path(tmp), port, "cuda" if on_gpu else "cpu")
-        url = f"127.0.0.1:{port}"
+        ports = {frontend: free_port() for frontend in args.frontends}
+        processes = [
+            start_server(Path(tmp), port, "cuda" if on_gpu else "cpu", frontend) for frontend, port in ports.items()
+        ]
         try:
             for _ in range(args.rounds):
-                for batch_size, clients in scenarios:
+                for frontend, batch_size, clients in scenarios:
                     reference = run_in_process(forward, batches[batch_size], args.seconds)
+                    url = f"127.0.0.1:{ports[frontend]}"
                     measured = run_served(url, batches[batch_size], clients, args.seconds)
                     baseline[batch_size].append(reference)
-                    served[(batch_size, clients)].append(measured)
-                    ratios[(batch_size, clients)].append(measured.images_per_s / reference.images_per_s)
+                    served[(frontend, batch_size, clients)].append(measured)
+                    ratios[(frontend, batch_size, clients)].append(measured.images_per_s / reference.images_per_s)
         finally:
-            process.terminate()
-            process.wait(timeout=30)
+            for process in processes:
+                process.terminate()
+                process.wait(timeout=30)
 
     if on_gpu:
         engine = f"PyTorch {torch.__version__} on {torch.cuda.get_device_name(0)}"
@@ -226,21 +235,21 @@ def main() -> None:
         f"{args.rounds} interleaved rounds of {args.seconds:.1f} s"
     )
     print(
-        "| batch | clients | served img/s | in-process img/s | ratio (median) | served p50 ms | served p99 ms "
-        "| in-process p50 ms | added p50 ms |"
+        "| front end | batch | clients | served img/s | in-process img/s | ratio (median) | served p50 ms "
+        "| served p99 ms | in-process p50 ms | added p50 ms |"
     )
-    print("|---|---|---|---|---|---|---|---|---|")
-    for batch_size, clients in scenarios:
-        runs = served[(batch_size, clients)]
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for frontend, batch_size, clients in scenarios:
+        runs = served[(frontend, batch_size, clients)]
         refs = baseline[batch_size]
         lat = [x for m in runs for x in m.latencies_ms]
         ref_lat = [x for m in refs for x in m.latencies_ms]
         p50, ref_p50 = percentile(lat, 50), percentile(ref_lat, 50)
         print(
-            f"| {batch_size} | {clients} | {statistics.median(m.images_per_s for m in runs):.0f} "
+            f"| {frontend} | {batch_size} | {clients} | {statistics.median(m.images_per_s for m in runs):.0f} "
             f"| {statistics.median(m.images_per_s for m in refs):.0f} "
-            f"| {statistics.median(ratios[(batch_size, clients)]):.2f} | {p50:.3f} | {percentile(lat, 99):.3f} "
-            f"| {ref_p50:.3f} | {p50 - ref_p50:+.3f} |"
+            f"| {statistics.median(ratios[(frontend, batch_size, clients)]):.2f} | {p50:.3f} "
+            f"| {percentile(lat, 99):.3f} | {ref_p50:.3f} | {p50 - ref_p50:+.3f} |"
         )
 
 

@@ -63,6 +63,9 @@ def _build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--device", choices=("auto", "cpu", "cuda"), default=None)
     serve.add_argument("--max-message-mb", type=int, default=None)
     serve.add_argument(
+        "--frontend", choices=("auto", "native", "python"), default=None, help="gRPC transport (default auto)"
+    )
+    serve.add_argument(
         "--snapshot-dir", type=Path, default=None, help="session snapshots (share it between replicas for failover)"
     )
 
@@ -110,6 +113,7 @@ def _serve(args: argparse.Namespace) -> int:
         metrics_port=args.metrics_port,
         device=args.device,
         max_message_mb=args.max_message_mb,
+        frontend=args.frontend,
         snapshot_dir=args.snapshot_dir,
     )
     if args.no_metrics:

@@ -1,12 +1,13 @@
 #!/usr/bin/env bash
-# Sets up everything ttaserve needs on a fresh Debian/Ubuntu machine: system packages used by the tests (real
-# Fashion-MNIST data, a real Prometheus server and nginx), a virtual environment in .venv, the CPU build of PyTorch
-# (installed first, so pip never pulls the multi-GB CUDA build), and ttaserve itself with its server, eval and test
-# extras. Idempotent: a second run only checks.
+# Sets up everything ttaserve needs on a fresh Debian/Ubuntu machine: system packages (real Fashion-MNIST data, a
+# real Prometheus server and nginx for the tests; the C++ compiler, pkg-config and gRPC C++ library that the native
+# gRPC front end is built with), a virtual environment in .venv, the CPU build of PyTorch (installed first, so pip
+# never pulls the multi-GB CUDA build), and ttaserve itself with its server, eval and test extras. Idempotent: a
+# second run only checks.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-apt_packages=(dataset-fashion-mnist prometheus nginx-light)
+apt_packages=(dataset-fashion-mnist prometheus nginx-light g++ pkg-config libgrpc++-dev)
 missing=()
 for package in "${apt_packages[@]}"; do
   dpkg -s "$package" >/dev/null 2>&1 || missing+=("$package")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import signal
+import subprocess
 import threading
 from concurrent import futures
 from dataclasses import dataclass, field
@@ -24,6 +25,7 @@ from .adaptation_service import AdaptationServicer
 from .engines.torch_engine import resolve_device
 from .inference_service import InferenceServicer, InflightTracker, server_version
 from .metrics import Metrics
+from .native_frontend import NativeServer
 from .pipeline import Pipeline
 from .repository import ModelRepository
 from .sessions import SessionTable
@@ -58,7 +60,7 @@ class ServerHandle:
     """A running server. ``drain`` is what SIGTERM triggers; ``stop`` ends it at once."""
 
     settings: ServerSettings
-    server: grpc.Server
+    server: grpc.Server | NativeServer
     grpc_port: int
     metrics_port: int | None
     repository: ModelRepository
@@ -100,6 +102,53 @@ class ServerHandle:
         return self._stopped.wait(timeout_s)
 
 
+def _grpc_server(settings: ServerSettings) -> tuple[grpc.Server | NativeServer, str]:
+    """The gRPC server the settings ask for, and which front end it is ('native' or 'python')."""
+    limit = settings.max_message_mb * 1024 * 1024
+    if settings.frontend != "python":
+        try:
+            native_server = NativeServer(
+                threads=settings.workers, max_message_bytes=limit, thread_initializer=compute.single_threaded
+            )
+        except (OSError, RuntimeError, subprocess.SubprocessError) as exc:
+            if settings.frontend == "native":
+                raise RuntimeError(f"frontend 'native' asked for, but it cannot be built: {exc}") from exc
+            log.warning("native gRPC front end unavailable (%s); serving with grpcio's Python server", exc)
+        else:
+            return native_server, "native"
+    server = grpc.server(
+        futures.ThreadPoolExecutor(
+            max_workers=settings.workers, thread_name_prefix="ttaserve-rpc", initializer=compute.single_threaded
+        ),
+        options=[
+            ("grpc.max_receive_message_length", limit),
+            ("grpc.max_send_message_length", limit),
+            ("grpc.so_reuseport", 0),
+        ],
+    )
+    return server, "python"
+
+
+def _bind_and_start(server: grpc.Server | NativeServer, address: str) -> int:
+    """Bind ``address``, start serving, and return the bound port; RuntimeError when the address cannot be bound."""
+    if isinstance(server, NativeServer):
+        server.add_insecure_port(address)
+        try:
+            server.start()
+        except RuntimeError as exc:
+            server.stop(0).wait()
+            raise RuntimeError(f"cannot bind gRPC port {address}") from exc
+        return server.bound_ports()[0]
+    try:
+        port = server.add_insecure_port(address)  # grpcio raises on a failed bind, or (older) returns 0
+    except RuntimeError as exc:
+        raise RuntimeError(f"cannot bind gRPC port {address}: {exc}") from exc
+    if port == 0:
+        raise RuntimeError(f"cannot bind gRPC port {address}")
+    server.start()
+    return port
+
+
 def start_server(settings: ServerSettings) -> ServerHandle:
     logging.basicConfig(level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     # PyTorch computes on one thread with settings.torch_threads intra-op threads; every other thread, single-threaded
@@ -120,12 +169,10 @@ def _start_server(settings: ServerSettings) -> ServerHandle:
     device = resolve_device(settings.device)
     # build or load the C normalisation kernels now (~0.3 s once), not inside a first request
     kernels = "loaded" if native.kernels() is not None else "unavailable"
+    server, frontend = _grpc_server(settings)  # first: a front end that cannot be built fails before any loading
     log.info("device %s (torch %s, cuda available: %s)", device, torch.__version__, torch.cuda.is_available())
 
     metrics = Metrics()
-    metrics.server_info.info(
-        {"version": server_version(), "torch": torch.__version__, "device": str(device), "native_kernels": kernels}
-    )
     snapshot_dir = settings.snapshot_dir or Path("snapshots")
     sessions = SessionTable(
         max_sessions=settings.max_sessions,
@@ -151,17 +198,6 @@ def _start_server(settings: ServerSettings) -> ServerHandle:
     metrics.watch_warmups(repository)
     metrics.watch_inflight(lambda: inflight.count)
 
-    limit = settings.max_message_mb * 1024 * 1024
-    server = grpc.server(
-        futures.ThreadPoolExecutor(
-            max_workers=settings.workers, thread_name_prefix="ttaserve-rpc", initializer=compute.single_threaded
-        ),
-        options=[
-            ("grpc.max_receive_message_length", limit),
-            ("grpc.max_send_message_length", limit),
-            ("grpc.so_reuseport", 0),
-        ],
-    )
     grpc_service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(
         InferenceServicer(repository, pipeline, inflight), server
     )
@@ -176,10 +212,16 @@ def _start_server(settings: ServerSettings) -> ServerHandle:
         server,
         pool=reflection_pool(),
     )
-    port = server.add_insecure_port(f"{settings.grpc_host}:{settings.grpc_port}")
-    if port == 0:
-        raise RuntimeError(f"cannot bind gRPC port {settings.grpc_host}:{settings.grpc_port}")
-    server.start()
+    port = _bind_and_start(server, f"{settings.grpc_host}:{settings.grpc_port}")
+    metrics.server_info.info(
+        {
+            "version": server_version(),
+            "torch": torch.__version__,
+            "device": str(device),
+            "native_kernels": kernels,
+            "frontend": frontend,
+        }
+    )
     metrics_port = (
         metrics.serve(settings.metrics_port, settings.grpc_host) if settings.metrics_port is not None else None
     )
@@ -197,9 +239,10 @@ def _start_server(settings: ServerSettings) -> ServerHandle:
     )
     _start_sweeper(handle)
     log.info(
-        "ttaserve listening on %s:%d (metrics %s), models: %s",
+        "ttaserve listening on %s:%d (%s gRPC front end, metrics %s), models: %s",
         settings.grpc_host,
         port,
+        frontend,
         metrics_port if metrics_port is not None else "off",
         ", ".join(f"{m.name}/{m.version}" for m in repository.loaded()) or "none",
     )

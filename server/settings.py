@@ -28,6 +28,9 @@ class ServerSettings(BaseSettings):
     max_message_mb: int = Field(default=256, gt=0, le=2047)
     #: threads that run RPCs
     workers: int = Field(default=16, gt=0, le=1024)
+    #: the gRPC transport: 'native' is gRPC's C++ core (server/frontend.cc, built on first use against the system's
+    #: libgrpc++; less than half the per-call CPU of 'python', grpcio's server); 'auto' takes native where it builds
+    frontend: Literal["auto", "native", "python"] = "auto"
     #: reproducible sessions on GPUs: deterministic cuDNN algorithms and full-fp32 (no TF32) convolutions and
     #: matmuls, so a session gives the same outputs alone, interleaved with others, or resumed from a snapshot;
     #: turn off for speed when that does not matter

@@ -100,3 +100,13 @@ def read_idx_images(path: Path) -> np.ndarray:
 def normalise(images: np.ndarray) -> torch.Tensor:
     x = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255.0
     return (x - torch.tensor(CIFAR_MEAN).view(1, 3, 1, 1)) / torch.tensor(CIFAR_STD).view(1, 3, 1, 1)
+
+
+def native_frontend_or_skip() -> None:
+    """Skip unless the native gRPC front end builds here (it needs a C++ compiler, pkg-config and libgrpc++-dev)."""
+    from ttaserve.server import native_frontend
+
+    try:
+        native_frontend.load_library()
+    except (OSError, RuntimeError) as exc:
+        pytest.skip(f"the native gRPC front end cannot be built here: {exc}")

@@ -1,9 +1,11 @@
-"""The v2 protocol through the real, unmodified ``tritonclient[grpc]`` against the real server on loopback."""
+"""The v2 protocol through the real, unmodified ``tritonclient[grpc]`` against the real server on loopback, once
+on each gRPC front end (the native C++ one and grpcio's Python server)."""
 
 from __future__ import annotations
 
 import io
 import queue
+from collections.abc import Iterator
 from pathlib import Path
 
 import grpc
@@ -13,10 +15,26 @@ import torch
 import tritonclient.grpc as tc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from PIL import Image
-from support import CIFAR_LABELS, normalise, seeded_resnet20
+from support import CIFAR_LABELS, native_frontend_or_skip, normalise, seeded_resnet20, start
 from tritonclient.utils import InferenceServerException
 
 from ttaserve.server.app import ServerHandle
+
+
+@pytest.fixture(scope="module", params=["native", "python"])
+def server(
+    request: pytest.FixtureRequest, model_repo: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[ServerHandle]:
+    if request.param == "native":
+        native_frontend_or_skip()
+    handle = start(model_repo, snapshot_dir=tmp_path_factory.mktemp("snapshots"), frontend=request.param)
+    yield handle
+    handle.stop()
+
+
+@pytest.fixture(scope="module")
+def url(server: ServerHandle) -> str:
+    return f"127.0.0.1:{server.grpc_port}"
 
 
 @pytest.fixture(scope="module")

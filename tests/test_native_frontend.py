@@ -1,0 +1,180 @@
+"""The native gRPC front end (``server/frontend.cc``) against grpcio's Python server: the same answers, statuses and
+stream behaviour for calls the servicers never see (unknown methods, unparseable bytes), for cancelled and
+interrupted streams, and for many callers at once; ``frontend: auto`` falls back when the library cannot be built."""
+
+from __future__ import annotations
+
+import logging
+import socket
+import threading
+import time
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import grpc
+import numpy as np
+import pytest
+import tritonclient.grpc as tc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from support import native_frontend_or_skip, start
+
+from ttaserve.server import native_frontend
+from ttaserve.server.app import ServerHandle
+
+MODEL = "fashion_mnist"  # the embedded default model
+
+
+@pytest.fixture(scope="module", params=["native", "python"])
+def served(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerHandle]:
+    if request.param == "native":
+        native_frontend_or_skip()
+    handle = start(None, metrics_port=None, frontend=request.param, snapshot_dir=tmp_path_factory.mktemp("snap"))
+    yield handle
+    handle.stop()
+
+
+@pytest.fixture
+def channel(served: ServerHandle) -> Iterator[grpc.Channel]:
+    with grpc.insecure_channel(f"127.0.0.1:{served.grpc_port}") as opened:
+        yield opened
+
+
+def images(count: int, seed: int) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 256, (count, 28, 28, 1), dtype=np.uint8)
+
+
+def logits(client: tc.InferenceServerClient, batch: np.ndarray) -> np.ndarray:
+    tensor = tc.InferInput("input", list(batch.shape), "UINT8")
+    tensor.set_data_from_numpy(batch)
+    return client.infer(MODEL, [tensor], outputs=[tc.InferRequestedOutput("logits")]).as_numpy("logits")
+
+
+def test_an_unknown_method_is_unimplemented(channel: grpc.Channel) -> None:
+    call = channel.unary_unary("/inference.GRPCInferenceService/NoSuchMethod")
+    with pytest.raises(grpc.RpcError) as raised:
+        call(b"", timeout=10)
+    assert raised.value.code() == grpc.StatusCode.UNIMPLEMENTED
+
+
+def test_bytes_that_do_not_parse_are_internal_and_the_server_keeps_serving(
+    channel: grpc.Channel, served: ServerHandle
+) -> None:
+    call = channel.unary_unary("/inference.GRPCInferenceService/ModelInfer")
+    with pytest.raises(grpc.RpcError) as raised:
+        call(b"\xff\xff\xff\xff", timeout=10)
+    assert raised.value.code() == grpc.StatusCode.INTERNAL
+    assert "deserializing" in (raised.value.details() or "")
+    assert logits(tc.InferenceServerClient(f"127.0.0.1:{served.grpc_port}"), images(1, 0)).shape == (1, 10)
+
+
+def test_a_status_set_without_abort_reaches_the_client(channel: grpc.Channel) -> None:
+    """grpc-health's Check sets NOT_FOUND on its context and returns an empty response."""
+    stub = health_pb2_grpc.HealthStub(channel)
+    assert stub.Check(health_pb2.HealthCheckRequest(service=""), timeout=10).status == 1  # SERVING
+    with pytest.raises(grpc.RpcError) as raised:
+        stub.Check(health_pb2.HealthCheckRequest(service="no-such-service"), timeout=10)
+    assert raised.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+def test_a_cancelled_watch_is_forgotten_by_the_servicer(channel: grpc.Channel, served: ServerHandle) -> None:
+    """Cancelling a server stream runs the callbacks the handler registered on its context."""
+    stub = health_pb2_grpc.HealthStub(channel)
+    watchers = served.health._send_response_callbacks
+    watch = stub.Watch(health_pb2.HealthCheckRequest(service="liveness"))
+    assert next(watch).status == health_pb2.HealthCheckResponse.SERVING
+    assert eventually(lambda: len(watchers.get("liveness", ())) == 1)  # registered just after the first answer
+    watch.cancel()
+    assert eventually(lambda: not watchers["liveness"])
+
+
+def eventually(condition: Callable[[], bool], timeout_s: float = 10.0) -> bool:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.01)
+    return True
+
+
+def test_a_watch_sees_a_status_change(channel: grpc.Channel, served: ServerHandle) -> None:
+    stub = health_pb2_grpc.HealthStub(channel)
+    watch = stub.Watch(health_pb2.HealthCheckRequest(service="watched"), timeout=30)
+    assert next(watch).status == health_pb2.HealthCheckResponse.SERVICE_UNKNOWN
+    served.health.set("watched", health_pb2.HealthCheckResponse.NOT_SERVING)
+    assert next(watch).status == health_pb2.HealthCheckResponse.NOT_SERVING
+    watch.cancel()
+
+
+def test_many_callers_at_once_each_get_their_own_answers(served: ServerHandle) -> None:
+    url = f"127.0.0.1:{served.grpc_port}"
+    batches = [images(1 + seed % 3, seed) for seed in range(48)]
+    alone = [logits(tc.InferenceServerClient(url), batch) for batch in batches]
+
+    def caller(first: int) -> list[np.ndarray]:
+        client = tc.InferenceServerClient(url)
+        return [logits(client, batches[i]) for i in range(first, len(batches), 8)]
+
+    with ThreadPoolExecutor(8) as pool:
+        together = list(pool.map(caller, range(8)))
+    for first, answers in enumerate(together):
+        for i, answer in zip(range(first, len(batches), 8), answers, strict=True):
+            np.testing.assert_allclose(answer, alone[i], rtol=1e-4, atol=1e-4)
+
+
+def test_stop_ends_open_streams(tmp_path: Path) -> None:
+    native_frontend_or_skip()
+    handle = start(None, metrics_port=None, frontend="native", snapshot_dir=tmp_path)
+    with grpc.insecure_channel(f"127.0.0.1:{handle.grpc_port}") as opened:
+        watch = health_pb2_grpc.HealthStub(opened).Watch(health_pb2.HealthCheckRequest(service="liveness"))
+        assert next(watch).status == health_pb2.HealthCheckResponse.SERVING
+        stopping = threading.Thread(target=handle.stop)
+        stopping.start()
+        stopping.join(timeout=30)
+        assert not stopping.is_alive()
+        with pytest.raises(grpc.RpcError) as raised:
+            for _ in watch:
+                pass
+        assert raised.value.code() in {grpc.StatusCode.CANCELLED, grpc.StatusCode.UNAVAILABLE}
+
+
+def test_the_server_reports_its_front_end(tmp_path: Path) -> None:
+    native_frontend_or_skip()
+    handle = start(None, metrics_port=None, frontend="auto", snapshot_dir=tmp_path)
+    try:
+        (info,) = [f for f in handle.metrics.registry.collect() if f.name == "ttaserve_server"]
+        assert info.samples[0].labels["frontend"] == "native"
+        assert isinstance(handle.server, native_frontend.NativeServer)
+    finally:
+        handle.stop()
+
+
+def test_auto_falls_back_to_the_python_server_when_the_library_cannot_be_built(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    monkeypatch.setattr(native_frontend, "_library", [])
+    monkeypatch.setenv("TTASERVE_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("CXX", "no-such-compiler-ttaserve")
+    with pytest.raises(RuntimeError, match="frontend 'native' asked for, but it cannot be built"):
+        start(None, metrics_port=None, frontend="native", snapshot_dir=tmp_path)
+    with caplog.at_level(logging.WARNING):
+        handle = start(None, metrics_port=None, frontend="auto", snapshot_dir=tmp_path)
+    try:
+        assert "native gRPC front end unavailable" in caplog.text
+        assert "no compiler 'no-such-compiler-ttaserve'" in caplog.text
+        assert isinstance(handle.server, grpc.Server)
+        assert logits(tc.InferenceServerClient(f"127.0.0.1:{handle.grpc_port}"), images(2, 1)).shape == (2, 10)
+    finally:
+        handle.stop()
+
+
+@pytest.mark.parametrize("frontend", ["native", "python"])
+def test_a_port_in_use_fails_with_its_address(frontend: str, tmp_path: Path) -> None:
+    if frontend == "native":
+        native_frontend_or_skip()
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        with pytest.raises(RuntimeError, match=f"cannot bind gRPC port 127.0.0.1:{port}"):
+            start(None, metrics_port=None, frontend=frontend, grpc_port=port, snapshot_dir=tmp_path)
