@@ -71,7 +71,7 @@ struct Call {
   std::mutex mutex;  // guards everything below
   int reading = kReadOne;
   bool unary = false;
-  bool started = false, done = false, finishing = false, write_in_flight = false, finish_queued = false;
+  bool done = false, finishing = false, write_in_flight = false, finish_queued = false;
   int ops_pending = 0;  // operations handed to gRPC whose tag has not come back
   std::deque<grpc::ByteBuffer> writes;
   grpc::ByteBuffer outgoing;
@@ -244,7 +244,6 @@ class Frontend {
     }
     {
       std::lock_guard<std::mutex> lock(call->mutex);
-      call->started = true;
       ++call->ops_pending;  // the done tag
     }
     if (unary_methods_.count(call->context.method()) != 0) {
@@ -266,10 +265,7 @@ class Frontend {
     }
     // A read that completes after the call was cancelled is dropped: Python has been told the call is done.
     if (!done && !ok && call->unary) {
-      std::lock_guard<std::mutex> lock(call->mutex);
-      call->finish_queued = true;
-      call->final_status = grpc::Status(grpc::StatusCode::INTERNAL, "the client sent no request");
-      PumpLocked(call);
+      Finish(call->id, grpc::StatusCode::INTERNAL, "the client sent no request", nullptr, 0, 0);
     } else if (!done && !ok) {
       Emit(call, kHalfClose, nullptr, 0);
     }

@@ -91,6 +91,13 @@ def load_library() -> ctypes.CDLL:
     return _library[0]
 
 
+def _borrowed(data: int | None, length: int) -> memoryview:
+    """The bytes frontend.cc passed to a callback, without a copy: valid only until the callback returns."""
+    if not length:
+        return memoryview(b"")
+    return memoryview((ctypes.c_char * length).from_address(data)).cast("B")
+
+
 _Metadata = tuple[tuple[str, str | bytes], ...]
 _Start = tuple[float | None, str, str, _Metadata]
 
@@ -428,7 +435,7 @@ class NativeServer(_HandlerTable):
             if call is None:
                 return 0
             if event == _MESSAGE:
-                self._on_message(call, memoryview((ctypes.c_char * length).from_address(data)) if length else b"")
+                self._on_message(call, _borrowed(data, length))
             elif event == _HALF_CLOSE:
                 call.requests.put(None)
                 if not call.handler.request_streaming:  # a unary request is read once: no message came
@@ -442,7 +449,7 @@ class NativeServer(_HandlerTable):
     def _on_unary(self, call_id: int, data: int | None, length: int) -> None:
         """A declared unary method's call: start record and request in one event, run here, on the polling
         thread; frontend.cc reports no done event for it, so it ends when the handler returns."""
-        view = memoryview((ctypes.c_char * length).from_address(data)).cast("B")
+        view = _borrowed(data, length)
         (record_length,) = struct.unpack_from("=I", view)
         start = _parse_start(view[4 : 4 + record_length].tobytes())
         call = _Call(self, call_id, self._methods[start[1]], start)
@@ -466,7 +473,7 @@ class NativeServer(_HandlerTable):
             return _READ_ALL
         return _READ_ONE
 
-    def _on_message(self, call: _Call, data: memoryview | bytes) -> None:
+    def _on_message(self, call: _Call, data: memoryview) -> None:
         handler = call.handler
         if handler.request_streaming:
             call.requests.put(bytes(data))
