@@ -26,7 +26,8 @@ class ServerSettings(BaseSettings):
     device: Literal["auto", "cpu", "cuda"] = "auto"
     #: gRPC receive/send limit; a batch of 64 RGB 224x224 float32 images is 38.5 MB
     max_message_mb: int = Field(default=256, gt=0, le=2047)
-    #: threads that run RPCs
+    #: threads that run RPCs (the native front end keeps two of them polling for calls, the rest wait until a
+    #: handler blocks)
     workers: int = Field(default=16, gt=0, le=1024)
     #: the gRPC transport: 'native' is gRPC's C++ core (server/frontend.cc, built on first use against the system's
     #: libgrpc++; less than half the per-call CPU of 'python', grpcio's server); 'auto' takes native where it builds

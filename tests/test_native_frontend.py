@@ -122,6 +122,49 @@ def test_many_callers_at_once_each_get_their_own_answers(served: ServerHandle) -
             np.testing.assert_allclose(answer, alone[i], rtol=1e-4, atol=1e-4)
 
 
+def test_handlers_that_block_leave_a_thread_to_read_new_calls() -> None:
+    """Only two of the pool's threads poll at once; each one that takes a call hands polling on, so five blocked
+    handlers on a six-thread pool still leave one to read and answer a sixth call."""
+    native_frontend_or_skip()
+    release, entered = threading.Event(), threading.Semaphore(0)
+
+    def blocking(request: bytes, context: grpc.ServicerContext) -> bytes:
+        entered.release()
+        release.wait(30)
+        return b"late " + request
+
+    def echo(request: bytes, context: grpc.ServicerContext) -> bytes:
+        return b"echo " + request
+
+    server = native_frontend.NativeServer(threads=6, max_message_bytes=1 << 20)
+    server.add_generic_rpc_handlers(
+        [
+            grpc.method_handlers_generic_handler(
+                "probe.Probe",
+                {
+                    "Block": grpc.unary_unary_rpc_method_handler(blocking),
+                    "Echo": grpc.unary_unary_rpc_method_handler(echo),
+                },
+            )
+        ]
+    )
+    server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{server.bound_ports()[0]}") as opened:
+            block, echo_call = opened.unary_unary("/probe.Probe/Block"), opened.unary_unary("/probe.Probe/Echo")
+            blocked = [block.future(bytes([i]), timeout=60) for i in range(5)]
+            for _ in range(5):
+                assert entered.acquire(timeout=30)
+            assert echo_call(b"x", timeout=10) == b"echo x"
+            release.set()
+            assert sorted(f.result() for f in blocked) == [b"late " + bytes([i]) for i in range(5)]
+            assert echo_call(b"y", timeout=10) == b"echo y"
+    finally:
+        release.set()
+        server.stop(None).wait(30)
+
+
 def test_stop_ends_open_streams(tmp_path: Path) -> None:
     native_frontend_or_skip()
     handle = start(None, metrics_port=None, frontend="native", snapshot_dir=tmp_path)
