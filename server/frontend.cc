@@ -217,13 +217,16 @@ class Frontend {
 
   void Emit(Call* call, Event event, const char* data, size_t length) { callback_(call->id, event, data, length); }
 
-  // The request of a declared unary method, with its start record in front (a 4-byte length, then the record).
-  void EmitUnary(Call* call, const char* data, size_t length) {
+  // The request of a declared unary method, with its start record in front (a 4-byte length, then the record):
+  // the request's slices are copied once, straight behind the record.
+  void EmitUnary(Call* call, const std::vector<grpc::Slice>& slices) {
     std::string record = StartRecord(call);
+    size_t length = 0;
+    for (const auto& slice : slices) length += slice.size();
     std::string event;
     event.reserve(4 + record.size() + length);
     PutField(&event, record);
-    event.append(data, length);
+    for (const auto& slice : slices) event.append(reinterpret_cast<const char*>(slice.begin()), slice.size());
     callback_(call->id, kUnary, event.data(), event.size());
   }
 
@@ -291,21 +294,15 @@ class Frontend {
     }
     if (!done && ok) {
       std::vector<grpc::Slice> slices;
-      std::string joined;
-      const char* data = "";
-      size_t length = 0;
-      if (call->incoming.Dump(&slices).ok() && slices.size() == 1) {
-        data = reinterpret_cast<const char*>(slices[0].begin());
-        length = slices[0].size();
-      } else {
-        for (const auto& slice : slices) joined.append(reinterpret_cast<const char*>(slice.begin()), slice.size());
-        data = joined.data();
-        length = joined.size();
-      }
+      if (!call->incoming.Dump(&slices).ok()) slices.clear();
       if (call->unary) {
-        EmitUnary(call, data, length);
+        EmitUnary(call, slices);
+      } else if (slices.size() == 1) {
+        Emit(call, kMessage, reinterpret_cast<const char*>(slices[0].begin()), slices[0].size());
       } else {
-        Emit(call, kMessage, data, length);
+        std::string joined;
+        for (const auto& slice : slices) joined.append(reinterpret_cast<const char*>(slice.begin()), slice.size());
+        Emit(call, kMessage, joined.data(), joined.size());
       }
       call->incoming.Clear();
       if (call->reading == kReadAll) Read(call);

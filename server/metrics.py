@@ -11,6 +11,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info, start_http_server
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
@@ -41,6 +42,25 @@ def outcome_of(status_name: str) -> str:
     if status_name in ("INTERNAL", "UNKNOWN"):
         return "error"
     return "invalid"
+
+
+def observe_all(histogram: Any, values: np.ndarray) -> None:
+    """``histogram.observe(v)`` for every ``v`` in ``values``, in one pass for a large batch.
+
+    prometheus_client has no bulk observe, and the per-image histograms cost 0.16 ms per batch-64 request as 128
+    ``observe`` calls. Here one ``searchsorted`` finds each value's bucket (the first upper bound >= it, as
+    ``observe`` does; a NaN lands in none) and each bucket that got values is incremented once. This reads the
+    histogram's ``_upper_bounds``, ``_buckets`` and ``_sum``; a prometheus_client without them takes the loop.
+    """
+    if len(values) <= 8 or not all(hasattr(histogram, a) for a in ("_upper_bounds", "_buckets", "_sum")):
+        for value in values.tolist():
+            histogram.observe(value)
+        return
+    bounds = histogram._upper_bounds
+    counts = np.bincount(np.searchsorted(bounds, values, side="left"), minlength=len(bounds))
+    histogram._sum.inc(float(values.sum()))
+    for index in np.flatnonzero(counts[: len(bounds)]).tolist():
+        histogram._buckets[index].inc(int(counts[index]))
 
 
 @dataclass(frozen=True)

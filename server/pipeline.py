@@ -20,7 +20,7 @@ from . import compute
 from .codec import encode_bytes_elements, set_parameter
 from .errors import FailedPrecondition, InvalidArgument, NotFound, ServingError, Unavailable
 from .loaded_model import LoadedModel
-from .metrics import UNKNOWN, Metrics
+from .metrics import UNKNOWN, Metrics, observe_all
 from .model_config import SessionSettings
 from .repository import RELOADED, ModelRepository
 from .request import (
@@ -298,10 +298,8 @@ class Pipeline:
         classes = probabilities.shape[1]
         normaliser = math.log(classes) if classes > 1 else 1.0
         entropies = -(probabilities * np.log(np.maximum(probabilities, 1e-12))).sum(axis=1) / normaliser
-        for value in entropies.tolist():
-            series.entropy.observe(value)
-        for value in probabilities.max(axis=1).tolist():
-            series.max_probability.observe(value)
+        observe_all(series.entropy, entropies)
+        observe_all(series.max_probability, probabilities.max(axis=1))
         if "lambda" in result.stats:
             self.metrics.t3_lambda.labels(*series_key).observe(result.stats["lambda"])
 
