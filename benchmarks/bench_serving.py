@@ -9,9 +9,12 @@ cost alone), so the ratio charges the server for all of its work.
 
     python benchmarks/bench_serving.py [--rounds 5] [--seconds 2] [--engine onnx|torch-cuda]
                                        [--batch-sizes 1 64] [--clients 1 4] [--frontends native python]
+                                       [--instances 1 2]
 
-Each gRPC front end (``--frontends``: the native C++ one and grpcio's Python server) gets a server process of its
-own; both run throughout, and each round measures every front end, so their ratios come from the same rounds.
+Each gRPC front end (``--frontends``: the native C++ one and grpcio's Python server) and each model ``instances``
+count (``--instances``: forwards that may run at once, each with cores / instances ONNX Runtime threads) gets a
+server process of its own; all run throughout, and each round measures every one, so their ratios come from the
+same rounds.
 
 ``--engine torch-cuda`` serves the PyTorch model on the GPU and compares with the same network's in-process CUDA
 forward (synchronised), for machines whose ONNX Runtime has no CUDA provider.
@@ -59,7 +62,7 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def make_repository(root: Path, onnx_bytes: bytes, state_dict: dict | None = None) -> None:
+def make_repository(root: Path, onnx_bytes: bytes, state_dict: dict | None = None, instances: int = 1) -> None:
     """One model: the ONNX export, or (``state_dict`` given) the PyTorch network."""
     model_dir = root / "resnet20"
     (model_dir / "1").mkdir(parents=True)
@@ -74,6 +77,7 @@ def make_repository(root: Path, onnx_bytes: bytes, state_dict: dict | None = Non
         "preprocessing": {"mean": MEAN.ravel().tolist(), "std": STD.ravel().tolist()},
         "max_batch_size": 256,
         "dynamic_batching": {"enabled": True, "max_batch_size": 64, "max_queue_delay_us": 0},
+        "instances": instances,
     }
     (model_dir / "config.yaml").write_text(yaml.safe_dump(config))
 
@@ -182,6 +186,7 @@ def main() -> None:
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 64])
     parser.add_argument("--clients", type=int, nargs="+", default=[1, 4])
     parser.add_argument("--frontends", nargs="+", choices=("native", "python"), default=["native", "python"])
+    parser.add_argument("--instances", type=int, nargs="+", default=[1])
     args = parser.parse_args()
 
     model = build_architecture("cifar_resnet20")
@@ -200,27 +205,32 @@ def main() -> None:
     forward = cuda_forward(model) if on_gpu else onnx_forward(session)
 
     rng = np.random.default_rng(0)
-    scenarios = [(f, b, c) for b in args.batch_sizes for c in args.clients for f in args.frontends]
+    servers = [(f, n) for f in args.frontends for n in args.instances]
+    scenarios = [(f, n, b, c) for b in args.batch_sizes for c in args.clients for f, n in servers]
     batches = {b: rng.integers(0, 256, (b, 32, 32, 3), dtype=np.uint8) for b in args.batch_sizes}
-    ratios: dict[tuple[str, int, int], list[float]] = {s: [] for s in scenarios}
-    served: dict[tuple[str, int, int], list[Measurement]] = {s: [] for s in scenarios}
+    ratios: dict[tuple[str, int, int, int], list[float]] = {s: [] for s in scenarios}
+    served: dict[tuple[str, int, int, int], list[Measurement]] = {s: [] for s in scenarios}
     baseline: dict[int, list[Measurement]] = {b: [] for b in args.batch_sizes}
 
     with tempfile.TemporaryDirectory() as tmp:
-        make_repository(Path(tmp), onnx_bytes, model.state_dict() if on_gpu else None)
-        ports = {frontend: free_port() for frontend in args.frontends}
+        for instances in args.instances:
+            repo = Path(tmp) / f"instances-{instances}"
+            make_repository(repo, onnx_bytes, model.state_dict() if on_gpu else None, instances)
+        ports = {server: free_port() for server in servers}
         processes = [
-            start_server(Path(tmp), port, "cuda" if on_gpu else "cpu", frontend) for frontend, port in ports.items()
+            start_server(Path(tmp) / f"instances-{instances}", port, "cuda" if on_gpu else "cpu", frontend)
+            for (frontend, instances), port in ports.items()
         ]
         try:
             for _ in range(args.rounds):
-                for frontend, batch_size, clients in scenarios:
+                for scenario in scenarios:
+                    frontend, instances, batch_size, clients = scenario
                     reference = run_in_process(forward, batches[batch_size], args.seconds)
-                    url = f"127.0.0.1:{ports[frontend]}"
+                    url = f"127.0.0.1:{ports[(frontend, instances)]}"
                     measured = run_served(url, batches[batch_size], clients, args.seconds)
                     baseline[batch_size].append(reference)
-                    served[(frontend, batch_size, clients)].append(measured)
-                    ratios[(frontend, batch_size, clients)].append(measured.images_per_s / reference.images_per_s)
+                    served[scenario].append(measured)
+                    ratios[scenario].append(measured.images_per_s / reference.images_per_s)
         finally:
             for process in processes:
                 process.terminate()
@@ -235,20 +245,22 @@ def main() -> None:
         f"{args.rounds} interleaved rounds of {args.seconds:.1f} s"
     )
     print(
-        "| front end | batch | clients | served img/s | in-process img/s | ratio (median) | served p50 ms "
-        "| served p99 ms | in-process p50 ms | added p50 ms |"
+        "| front end | instances | batch | clients | served img/s | in-process img/s | ratio (median) "
+        "| served p50 ms | served p99 ms | in-process p50 ms | added p50 ms |"
     )
-    print("|---|---|---|---|---|---|---|---|---|---|")
-    for frontend, batch_size, clients in scenarios:
-        runs = served[(frontend, batch_size, clients)]
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    for scenario in scenarios:
+        frontend, instances, batch_size, clients = scenario
+        runs = served[scenario]
         refs = baseline[batch_size]
         lat = [x for m in runs for x in m.latencies_ms]
         ref_lat = [x for m in refs for x in m.latencies_ms]
         p50, ref_p50 = percentile(lat, 50), percentile(ref_lat, 50)
         print(
-            f"| {frontend} | {batch_size} | {clients} | {statistics.median(m.images_per_s for m in runs):.0f} "
+            f"| {frontend} | {instances} | {batch_size} | {clients} "
+            f"| {statistics.median(m.images_per_s for m in runs):.0f} "
             f"| {statistics.median(m.images_per_s for m in refs):.0f} "
-            f"| {statistics.median(ratios[(frontend, batch_size, clients)]):.2f} | {p50:.3f} "
+            f"| {statistics.median(ratios[scenario]):.2f} | {p50:.3f} "
             f"| {percentile(lat, 99):.3f} | {ref_p50:.3f} | {p50 - ref_p50:+.3f} |"
         )
 

@@ -1,10 +1,12 @@
-"""Dynamic batching of concurrent stateless requests to one model.
+"""Dynamic batching of concurrent stateless requests to one model, and the model's concurrent executions.
 
-Leader/follower, no extra thread: a request that finds the engine idle runs at once, taking every request queued
-behind it (up to ``max_batch_size`` rows) into the same forward pass; requests that arrive while a pass is running
-wait and form the next batch. At low load this adds no latency (no hand-off between threads, no timer); under load
-batches grow by themselves. ``max_queue_delay_us`` > 0 additionally lets a leader wait that long for more rows, as
-Triton's dynamic batcher does, trading latency for larger batches.
+Leader/follower, no extra thread: a request that finds an execution slot free runs at once, taking every request
+queued behind it (up to ``max_batch_size`` rows) into the same forward pass; requests that arrive while every slot
+is running wait and form the next batch. At low load this adds no latency (no hand-off between threads, no timer);
+under load batches grow by themselves. ``max_queue_delay_us`` > 0 additionally lets a leader wait that long for more
+rows, as Triton's dynamic batcher does, trading latency for larger batches. ``instances`` forward passes may run at
+once (Triton's instance count); with ``max_batch_size`` 1 this is a plain bound on concurrent executions, which is
+how a model without dynamic batching is served.
 
 Each caller gets exactly its own rows back: rows are concatenated in queue order and split by the same offsets.
 """
@@ -27,6 +29,8 @@ class _Item:
     done: bool = False
     result: np.ndarray | None = None
     error: BaseException | None = None
+    #: popped into a batch by a leader (this request's own thread or another)
+    taken: bool = False
     queue_ns: int = 0
     batch_size: int = 0
     extra: dict[str, int] = field(default_factory=dict)
@@ -47,14 +51,16 @@ class DynamicBatcher:
         max_batch_size: int,
         max_queue_delay_us: int = 0,
         on_execution: Callable[[int, int], None] | None = None,
+        instances: int = 1,
     ) -> None:
         self._run = run
         self._max_rows = max_batch_size
+        self._instances = instances
         self._delay_s = max_queue_delay_us / 1e6
         self._on_execution = on_execution
         self._cond = threading.Condition()
         self._queue: deque[_Item] = deque()
-        self._busy = False
+        self._running = 0  # executions in progress, at most ``instances``
 
     def submit(self, rows: np.ndarray) -> BatchedResult:
         item = _Item(rows=rows, enqueued_ns=time.perf_counter_ns())
@@ -64,18 +70,20 @@ class DynamicBatcher:
                 self._cond.notify_all()  # a leader waiting for more rows counts this one
         while True:
             with self._cond:
-                while self._busy and not item.done:
+                while not item.done and (item.taken or self._running >= self._instances):
                     self._cond.wait()
                 if item.done:
                     return self._result(item)
-                self._busy = True
+                self._running += 1
                 batch = self._take_batch()
-            # this thread leads `batch` (its own item first unless a full batch was queued before it)
+            # this thread leads `batch` (its own item first unless the queue held earlier requests); the batch is
+            # empty when, with several instances, other leaders took every row while this one waited for more
             try:
-                self._execute(batch)
+                if batch:
+                    self._execute(batch)
             finally:
                 with self._cond:
-                    self._busy = False
+                    self._running -= 1
                     self._cond.notify_all()
 
     def _take_batch(self) -> list[_Item]:
@@ -93,7 +101,9 @@ class DynamicBatcher:
             size = len(self._queue[0].rows)
             if batch and rows + size > self._max_rows:
                 break
-            batch.append(self._queue.popleft())
+            taken = self._queue.popleft()
+            taken.taken = True
+            batch.append(taken)
             rows += size
         return batch
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import os
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -41,8 +42,9 @@ class LoadedModel:
     module: nn.Module | None
     device: torch.device
     preprocessor: Preprocessor
-    statistics: ModelStatistics = field(default_factory=ModelStatistics)
-    batcher: DynamicBatcher | None = None
+    statistics: ModelStatistics
+    #: every plain forward (strategy ``none``) goes through it: dynamic batching and the ``instances`` bound
+    batcher: DynamicBatcher
     #: background source warm-ups by strategy name (see ``warmup.py``)
     warmups: dict[str, SourceWarmup] = field(default_factory=dict)
     #: set when the version is unloaded, replaced or the server stops
@@ -64,10 +66,6 @@ class LoadedModel:
 
     def has_batchnorm(self) -> bool:
         return self.module is not None and any(isinstance(m, nn.BatchNorm2d) for m in self.module.modules())
-
-    def run_source(self, x: np.ndarray) -> np.ndarray:
-        """The plain forward (strategy ``none``) on the engine, outside the batcher."""
-        return self.engine.infer(x)
 
     def strategy(self, name: str) -> Strategy:
         """The model's shared Strategy object for ``name``, built once on first use.
@@ -186,14 +184,26 @@ def build_engine_and_module(
             from .onnx_export import export_for_serving
 
             input_shape = (config.input.channels, config.input.height, config.input.width)
-            engine = OnnxEngine(export_for_serving(module, input_shape), device=onnx_device(device))
+            engine = OnnxEngine(
+                export_for_serving(module, input_shape),
+                device=onnx_device(device),
+                intra_op_threads=intra_op_threads(config.instances),
+            )
         return engine, module.to(device)
     if config.platform is Platform.TORCHSCRIPT:
         scripted = torch.jit.load(str(weights), map_location="cpu")
         return TorchEngine(scripted, device), None
     from .engines.onnx_engine import OnnxEngine
 
-    return OnnxEngine(weights, device=onnx_device(device)), None
+    return OnnxEngine(weights, device=onnx_device(device), intra_op_threads=intra_op_threads(config.instances)), None
+
+
+def intra_op_threads(instances: int) -> int | None:
+    """ONNX Runtime's intra-op threads per run: its own default (every core) for one instance, else the cores
+    shared out between the instances (at least one each)."""
+    if instances == 1:
+        return None
+    return max(1, len(os.sched_getaffinity(0)) // instances)
 
 
 def onnx_device(device: torch.device) -> str:
@@ -211,6 +221,8 @@ def load_version(model_dir: Path, config: ModelConfig, version: int, device: tor
     labels = read_labels(model_dir, config) or tuple(str(i) for i in range(num_classes))
     if len(labels) != num_classes:
         raise ConfigError(f"{model_dir}: field 'labels': {len(labels)} labels for a model with {num_classes} outputs")
+    statistics = ModelStatistics()
+    batching = config.dynamic_batching
     loaded = LoadedModel(
         config=config,
         version=version,
@@ -220,14 +232,16 @@ def load_version(model_dir: Path, config: ModelConfig, version: int, device: tor
         module=module,
         device=device,
         preprocessor=preprocessor,
+        statistics=statistics,
+        # without dynamic batching, one request per execution: the batcher only bounds executions by `instances`
+        batcher=DynamicBatcher(
+            engine.infer,
+            max_batch_size=batching.max_batch_size if batching.enabled else 1,
+            max_queue_delay_us=batching.max_queue_delay_us if batching.enabled else 0,
+            on_execution=statistics.record_execution,
+            instances=config.instances,
+        ),
     )
-    if config.dynamic_batching.enabled:
-        loaded.batcher = DynamicBatcher(
-            loaded.run_source,
-            max_batch_size=config.dynamic_batching.max_batch_size,
-            max_queue_delay_us=config.dynamic_batching.max_queue_delay_us,
-            on_execution=loaded.statistics.record_execution,
-        )
     log.info(
         "loaded model %s version %d: %s on %s (providers %s), %d classes",
         config.name,

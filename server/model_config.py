@@ -111,6 +111,10 @@ class ModelConfig(_Strict):
     labels_file: str | None = None
     max_batch_size: int = Field(default=256, gt=0, le=4096)
     dynamic_batching: DynamicBatching = DynamicBatching()
+    #: forward passes of strategy ``none`` that may run at once (Triton's instance count); further requests queue.
+    #: An ONNX Runtime CPU session then gives each run cores ÷ instances intra-op threads, so two instances on two
+    #: cores run two one-threaded forwards side by side: more images/s under concurrent load, a slower lone request
+    instances: int = Field(default=1, ge=1, le=64)
     sessions: SessionSettings = SessionSettings()
     #: run the ``none`` strategy of a pytorch model through an ONNX export on ONNX Runtime
     onnx_source_path: bool = False

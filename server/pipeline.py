@@ -106,16 +106,10 @@ class Pipeline:
         return self._run_stateless(model, parsed, deadline)
 
     def _run_source(self, model: LoadedModel, images: np.ndarray) -> RunResult:
-        if model.batcher is not None:
-            batched = model.batcher.submit(images)
-            return RunResult(
-                batched.output, queue_ns=batched.queue_ns, infer_ns=batched.infer_ns, batch_size=batched.batch_size
-            )
-        start = time.perf_counter_ns()
-        logits = model.run_source(images)
-        infer_ns = time.perf_counter_ns() - start
-        model.statistics.record_execution(len(images), infer_ns)
-        return RunResult(logits, infer_ns=infer_ns)
+        batched = model.batcher.submit(images)
+        return RunResult(
+            batched.output, queue_ns=batched.queue_ns, infer_ns=batched.infer_ns, batch_size=batched.batch_size
+        )
 
     def _run_stateless(self, model: LoadedModel, parsed: ParsedRequest, deadline: float | None) -> RunResult:
         """One episode: a fresh source state, one step, state discarded."""

@@ -7,6 +7,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
+import pytest
 import torch
 import tritonclient.grpc as tc
 from support import normalise, seeded_resnet20
@@ -60,6 +61,61 @@ def test_batcher_waits_max_queue_delay_for_more_rows() -> None:
     with ThreadPoolExecutor(4) as pool:
         list(pool.map(batcher.submit, [np.zeros((1, 1), np.float32)] * 4))
     assert sizes == [4], "the leader should have waited for the other three rows"
+
+
+class ConcurrencyProbe:
+    """An engine that records how many of its runs overlap."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.running = self.most = 0
+        self.sizes: list[int] = []
+
+    def run(self, x: np.ndarray) -> np.ndarray:
+        with self.lock:
+            self.running += 1
+            self.most = max(self.most, self.running)
+            self.sizes.append(len(x))
+        time.sleep(0.01)
+        with self.lock:
+            self.running -= 1
+        return x + 1.0
+
+
+@pytest.mark.parametrize("instances", [1, 2, 3])
+def test_instances_bound_the_executions_that_overlap(instances: int) -> None:
+    probe = ConcurrencyProbe()
+    batcher = DynamicBatcher(probe.run, max_batch_size=4, instances=instances)
+    requests = [np.full((1 + i % 2, 3), float(i), np.float32) for i in range(48)]
+    with ThreadPoolExecutor(12) as pool:
+        results = list(pool.map(batcher.submit, requests))
+    for sent, got in zip(requests, results, strict=True):
+        np.testing.assert_array_equal(got.output, sent + 1.0)
+    assert probe.most == instances, f"{probe.most} executions overlapped with {instances} instance(s)"
+    assert max(probe.sizes) <= 4 and sum(probe.sizes) == sum(len(r) for r in requests)
+
+
+def test_without_batching_each_execution_serves_one_request() -> None:
+    """A model without dynamic batching is served through a batcher of one request per execution."""
+    probe = ConcurrencyProbe()
+    batcher = DynamicBatcher(probe.run, max_batch_size=1, instances=2)
+    requests = [np.full((3, 2), float(i), np.float32) for i in range(16)]
+    with ThreadPoolExecutor(8) as pool:
+        results = list(pool.map(batcher.submit, requests))
+    assert probe.sizes == [3] * 16 and probe.most == 2
+    for sent, got in zip(requests, results, strict=True):
+        np.testing.assert_array_equal(got.output, sent + 1.0)
+
+
+def test_two_instances_with_a_queue_delay_serve_every_request_once() -> None:
+    """Two leaders may wait for rows at once and one may find the queue emptied by the other: every request is
+    still run exactly once and answered with its own rows."""
+    probe = ConcurrencyProbe()
+    batcher = DynamicBatcher(probe.run, max_batch_size=8, max_queue_delay_us=20_000, instances=2)
+    with ThreadPoolExecutor(6) as pool:
+        results = list(pool.map(batcher.submit, [np.full((1, 1), float(i), np.float32) for i in range(30)]))
+    assert [float(r.output[0, 0]) for r in results] == [i + 1.0 for i in range(30)]
+    assert min(probe.sizes) >= 1 and sum(probe.sizes) == 30
 
 
 def test_concurrent_grpc_clients_get_their_own_rows(url: str, real_images: np.ndarray, server) -> None:

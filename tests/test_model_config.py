@@ -36,6 +36,7 @@ def test_good_config_defaults(tmp_path: Path) -> None:
         (GOOD + "max_batchsize: 8\n", ["field 'max_batchsize'", "Extra inputs"]),
         (GOOD + "dynamic_batching: {max_queue_delay_us: -1}\n", ["field 'dynamic_batching.max_queue_delay_us'"]),
         (GOOD + "name: other\n", ["field 'name'", "differs from the folder name"]),
+        (GOOD + "instances: 0\n", ["field 'instances'", "greater than or equal to 1"]),
         ("platform: [unclosed\n", ["cannot parse"]),
         ("- just\n- a list\n", ["expected a mapping"]),
     ],

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -14,6 +15,8 @@ from ttaserve.server.architectures import build_architecture, load_model
 from ttaserve.server.engines.onnx_engine import CPU_PROVIDER, CUDA_PROVIDER, OnnxEngine, OnnxLoadError
 from ttaserve.server.engines.torch_engine import TorchEngine
 from ttaserve.server.export_command import run_export
+from ttaserve.server.loaded_model import load_version
+from ttaserve.server.model_config import load_model_config
 from ttaserve.server.onnx_export import ParityError, check_parity, export_for_serving, export_onnx, export_onnx_bytes
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
@@ -94,6 +97,34 @@ def test_concurrent_inference_shares_one_session(random_export: tuple[torch.nn.M
     with ThreadPoolExecutor(max_workers=8) as pool:
         for got, want in zip(pool.map(engine.infer, batches), expected, strict=True):
             np.testing.assert_array_equal(got, want)
+
+
+@pytest.mark.parametrize("instances", [1, 2])
+def test_instances_share_the_cores_and_serve_concurrent_callers(
+    random_export: tuple[torch.nn.Module, Path], tmp_path: Path, instances: int
+) -> None:
+    """A model with ``instances: N`` runs up to N forwards at once, each with cores / N intra-op threads (ORT's own
+    default for one instance); without dynamic batching every request is its own execution."""
+    module, path = random_export
+    model_dir = tmp_path / "m"
+    (model_dir / "1").mkdir(parents=True)
+    (model_dir / "1" / "model.onnx").write_bytes(path.read_bytes())
+    (model_dir / "config.yaml").write_text(
+        f"platform: onnx\ninput: {{height: 32, width: 32, layout: NCHW}}\ninstances: {instances}\n"
+    )
+    loaded = load_version(model_dir, load_model_config(model_dir), 1, torch.device("cpu"))
+    threads = loaded.engine.session.get_session_options().intra_op_num_threads
+    assert threads == (0 if instances == 1 else max(1, len(os.sched_getaffinity(0)) // instances))
+    batches = [np.random.default_rng(i).standard_normal((1 + i % 3, 3, 32, 32)).astype(np.float32) for i in range(24)]
+    with torch.inference_mode():
+        expected = [module(torch.from_numpy(b)).numpy() for b in batches]
+    with ThreadPoolExecutor(6) as pool:
+        answers = list(pool.map(loaded.batcher.submit, batches))
+    for got, want, batch in zip(answers, expected, batches, strict=True):
+        np.testing.assert_allclose(got.output, want, rtol=1e-4, atol=1e-4)
+        assert got.batch_size == len(batch)
+    assert loaded.statistics.execution_count == len(batches)
+    loaded.engine.close()
 
 
 def test_engine_loads_from_bytes() -> None:
