@@ -204,7 +204,7 @@ class InferenceServicer(grpc_service_pb2_grpc.GRPCInferenceServiceServicer):
             else:
                 message.version_policy.all.SetInParent()
             kind = pb.ModelInstanceGroup.KIND_GPU if model.device.type == "cuda" else pb.ModelInstanceGroup.KIND_CPU
-            message.instance_group.add(name=f"{config.name}_0", count=1, kind=kind)
+            message.instance_group.add(name=f"{config.name}_0", count=config.instances, kind=kind)
             extras = {
                 **model.engine.describe(),
                 "labels": ",".join(model.labels),

@@ -70,7 +70,13 @@ def model_repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
     write_model(
         repo,
         "resnet_onnx",
-        {"platform": "onnx", "input": CIFAR_INPUT, "preprocessing": CIFAR_PREPROCESSING, "labels": list(CIFAR_LABELS)},
+        {
+            "platform": "onnx",
+            "input": CIFAR_INPUT,
+            "preprocessing": CIFAR_PREPROCESSING,
+            "labels": list(CIFAR_LABELS),
+            "instances": 2,
+        },
         {1: export_onnx_bytes(resnet, (3, 32, 32))},
     )
     broken = repo / "broken"

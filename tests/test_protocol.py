@@ -89,6 +89,7 @@ def test_model_config(client: tc.InferenceServerClient) -> None:
     onnx = client.get_model_config("resnet_onnx").config
     assert onnx.platform == "onnxruntime_onnx"
     assert "CPUExecutionProvider" in onnx.parameters["providers"].string_value
+    assert [g.count for g in config.instance_group] == [1] and [g.count for g in onnx.instance_group] == [2]
 
 
 def test_infer_uint8_matches_in_process_forward(
