@@ -14,9 +14,9 @@
 // thread that takes an event leaves polling and, when no other poller is left, wakes the newest idle thread to take
 // its place, so a handler that blocks (a batch follower, a long adaptation step) never leaves calls unread; once
 // its handler returns it polls again, or goes idle when two others already poll. (gRPC's own synchronous server
-// keeps between one and two pollers the same way.) Keeping the handlers on the same few threads matters: spread
-// over sixteen polling threads, a batch-1 handler ran 0.1-0.15 ms slower (cold caches and malloc arenas) than on
-// two.
+// keeps between one and two pollers the same way.) Keeping the handlers on the same few threads matters: with all
+// sixteen threads polling, a batch-1 handler ran 0.12-0.18 ms slower than with two (measured; cold caches and
+// per-thread malloc arenas are the likely cause, not a proven one).
 //
 // Two things keep a unary call cheap. Methods that Python declares unary (ttaserve_frontend_add_unary_method) get
 // one event, kUnary, with the start record and the request together, and no done event. And each polling thread
