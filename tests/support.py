@@ -30,6 +30,9 @@ requires_shared = pytest.mark.skipif(
     not (CIFAR_TEST.is_file() and RESNET20.is_file()),
     reason=f"needs the shared CIFAR-10 data and ResNet-20 checkpoint at {SHARED} (not present)",
 )
+requires_cifar_train = pytest.mark.skipif(
+    not CIFAR_TRAIN.is_file(), reason=f"needs the shared CIFAR-10 training subset {CIFAR_TRAIN} (not present)"
+)
 requires_fashion_mnist = pytest.mark.skipif(
     not (FASHION_MNIST / "t10k-images-idx3-ubyte.gz").is_file(),
     reason=f"needs Debian's dataset-fashion-mnist at {FASHION_MNIST} (apt-get install -y dataset-fashion-mnist)",

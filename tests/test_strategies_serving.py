@@ -15,6 +15,7 @@ from support import (
     CIFAR_INPUT,
     CIFAR_PREPROCESSING,
     CIFAR_TRAIN,
+    requires_cifar_train,
     requires_shared,
     seeded_resnet20,
     start,
@@ -103,6 +104,7 @@ def test_adaptive_strategy_on_an_onnx_model_is_refused(url: str, real_images: np
 
 
 @requires_shared
+@requires_cifar_train
 def test_rmt_reports_which_variant_ran(tmp_path: Path, real_images: np.ndarray) -> None:
     with np.load(CIFAR_TRAIN) as data:
         picks = np.random.default_rng(0).permutation(len(data["y"]))[:400]

@@ -5,13 +5,16 @@ from __future__ import annotations
 
 import io
 import threading
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 import pytest
 import torch
 from torch import nn
 
 from ttaserve.adapters import AdapterState, SourceData, Strategy, StrategyConfig, StrategyContext, get_strategy_class
+
+T = TypeVar("T")
 
 CASES: list[tuple[str, dict[str, Any], bool]] = [
     ("tbn", {}, False),
@@ -108,13 +111,26 @@ def test_step_is_pure_and_deterministic(
     )
 
 
+def _in_new_thread(fn: Callable[[], T]) -> T:
+    """``fn()`` on a thread of its own, as the concurrent streams run. PyTorch's CPU thread count is an OpenMP
+    setting per thread: a new thread starts from the process default, while the main thread may have been set
+    otherwise by earlier tests (an in-process server), and on many cores a different thread count changes how
+    the backward pass's reductions are split, hence the last bits of a training strategy's outputs."""
+    result: list[T] = []
+    thread = threading.Thread(target=lambda: result.append(fn()))
+    thread.start()
+    thread.join()
+    assert result, "the stream raised in its thread (see the warning above)"
+    return result[0]
+
+
 @pytest.mark.parametrize(("name", "settings", "with_source"), CASES, ids=IDS)
 def test_two_threads_interleaved_equal_streams_alone(
     resnet20: nn.Module, name: str, settings: dict[str, Any], with_source: bool
 ) -> None:
     strategy, config = _make(resnet20, name, settings, with_source)
     streams = [_stream(10), _stream(11)]
-    alone = [_run(strategy, config, strategy.init_state(config), xs) for xs in streams]
+    alone = [_in_new_thread(lambda xs=xs: _run(strategy, config, strategy.init_state(config), xs)) for xs in streams]
     together: list[list[torch.Tensor]] = [[], []]
     barrier = threading.Barrier(2)
     errors: list[BaseException] = []
