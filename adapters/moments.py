@@ -6,9 +6,9 @@ most of what test-time normalisation cost over an eval-mode forward. So on the C
 no gradient to carry, the moments come from one sum and one 2-norm per (sample, channel) row and the variance from
 E[x²] − E[x]². That difference loses precision when the mean is large against the spread (relative error ≈ float32
 rounding × E[x²]/Var[x]), so where any channel has mean² > ``CANCELLATION_LIMIT`` × variance the squares are summed
-again around the mean (one more pass): the variance stays within ~2e-5 of float64's. Elsewhere (CUDA, autograd, other
-layouts) the fused library kernels are used: on a GPU they are one launch per layer, which matters more there than
-the arithmetic.
+again around the mean (one more pass): the variance stays within ~2e-5 of float64's. Elsewhere (autograd, other
+layouts, a GPU without the Triton kernels of ``gpu_kernels.py``) the fused library kernels are used: on a GPU they
+are one launch per layer, which matters more there than the arithmetic.
 """
 
 from __future__ import annotations

@@ -19,11 +19,11 @@ import logging
 import math
 import os
 import subprocess
-import threading
 from pathlib import Path
 
 import torch
 
+from .load_once import LoadOnce, switched_off
 from .moments import CANCELLATION_LIMIT
 from .native_build import build_shared_library
 
@@ -160,22 +160,13 @@ def accepts(*tensors: torch.Tensor | None) -> bool:
     return True
 
 
-_lock = threading.Lock()
-_loaded: list[NativeKernels | None] = []
-
-
 def kernels() -> NativeKernels | None:
     """The compiled kernels, building them on the first call; None when they are turned off or cannot be built."""
-    if _loaded:
-        return _loaded[0]
-    with _lock:
-        if not _loaded:
-            _loaded.append(_load())
-    return _loaded[0]
+    return _KERNELS.get()
 
 
 def _load() -> NativeKernels | None:
-    if os.environ.get("TTASERVE_NATIVE_KERNELS", "1").strip().lower() in {"0", "false", "no", "off"}:
+    if switched_off("TTASERVE_NATIVE_KERNELS"):
         log.info("native kernels turned off by TTASERVE_NATIVE_KERNELS; normalisation layers use PyTorch ops")
         return None
     try:
@@ -191,3 +182,6 @@ def _load() -> NativeKernels | None:
 def build_library() -> Path:
     """Compile ``kernels.c`` into the cache folder unless a library of the same source and command is there."""
     return build_shared_library(SOURCE, "kernels", [os.environ.get("CC", "cc"), *CFLAGS], ["-lm"])
+
+
+_KERNELS: LoadOnce[NativeKernels | None] = LoadOnce(_load)

@@ -15,12 +15,13 @@ from __future__ import annotations
 
 import weakref
 from collections.abc import Callable
+from typing import Protocol
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import native
+from . import gpu_kernels, native
 from .base import share_weights_copy
 from .moments import (
     SEPARATE_MOMENTS_MIN_ELEMENTS,
@@ -35,9 +36,41 @@ from .moments import (
 DEFAULT_BN_MOMENTUM = 0.1
 
 
-def small_input_kernels(x: torch.Tensor, *params: torch.Tensor | None) -> native.NativeKernels | None:
-    """The fused C kernels for an input small enough that PyTorch's per-op dispatch dominates (batch 1) and that
-    they can take as it is; None otherwise (then the PyTorch ops run, multi-threaded, on large inputs)."""
+class LayerKernels(Protocol):
+    """A whole normalisation layer in one call: ``native.NativeKernels`` (C, CPU) or ``gpu_kernels.GpuKernels``."""
+
+    def channel_norm(
+        self,
+        x: torch.Tensor,
+        running_mean: torch.Tensor | None,
+        running_var: torch.Tensor | None,
+        alpha: float,
+        weight: torch.Tensor | None,
+        bias: torch.Tensor | None,
+        eps: float,
+    ) -> torch.Tensor: ...
+
+    def unmix_layer(
+        self,
+        x: torch.Tensor,
+        means: torch.Tensor,
+        variances: torch.Tensor,
+        weight: torch.Tensor | None,
+        bias: torch.Tensor | None,
+        eps: float,
+        temperature: float,
+        rate: float,
+        update: bool,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]: ...
+
+
+def layer_kernels(x: torch.Tensor, *params: torch.Tensor | None) -> LayerKernels | None:
+    """Fused kernels that do a whole layer per call where per-op dispatch is what the PyTorch ops cost: on a CUDA
+    device (Triton, any size: there every op is a kernel launch) and on the CPU below
+    ``SEPARATE_MOMENTS_MIN_ELEMENTS`` (C; above it PyTorch's multi-threaded ops win). None where neither can take
+    the tensors as they are (gradients, other dtypes or layouts, no compiler or Triton): then the PyTorch ops run."""
+    if x.is_cuda:
+        return gpu_kernels.kernels() if gpu_kernels.accepts(x, *params) else None
     if x.numel() >= SEPARATE_MOMENTS_MIN_ELEMENTS or not native.accepts(x, *params):
         return None
     return native.kernels()
@@ -71,7 +104,7 @@ class BatchStatNorm2d(_ReplacedBatchNorm):
         if prefers_separate_moments(x):  # no gradient through the statistics: moments, then the fused normalisation
             var, mean = channel_moments(x, eps)
             return F.batch_norm(x, mean, var, weight, bias, training=False, momentum=0.0, eps=eps)
-        kernels = small_input_kernels(x, weight, bias)
+        kernels = layer_kernels(x, weight, bias)
         if kernels is not None:
             return kernels.channel_norm(x, None, None, 1.0, weight, bias, eps)
         return F.batch_norm(x, None, None, weight, bias, training=True, momentum=0.0, eps=eps)
@@ -90,7 +123,7 @@ class AlphaNorm2d(_ReplacedBatchNorm):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         weight, bias, eps, alpha = self.weight, self.bias, self.eps, self.alpha
         source_mean, source_var = self.running_mean, self.running_var
-        kernels = small_input_kernels(x, weight, bias, source_mean, source_var)
+        kernels = layer_kernels(x, weight, bias, source_mean, source_var)
         if kernels is not None:
             return kernels.channel_norm(x, source_mean, source_var, alpha, weight, bias, eps)
         if prefers_separate_moments(x) or (torch.is_grad_enabled() and x.requires_grad):
@@ -161,15 +194,17 @@ def unmix_normalise(
     The K mixed components of sample b, (1−p_bk)·μ_k + p_bk·μ̃_b, enter only through their mean and spread over k,
     which are computed in closed form with K-contractions (the softmax rows sum to one) instead of materialising
     B×K×C tensors; around the components' centre, so that the second-moment difference stays well conditioned.
-    On the CPU without gradients the C kernels compute the same statistics in one call (the whole layer for small
-    inputs; the mixture statistics and update between PyTorch's moments and normalisation for large ones).
+    Without gradients, fused kernels compute the same statistics: on a CUDA device the Triton ones (the whole layer
+    in two launches), on the CPU the C ones (the whole layer in one call for small inputs; the mixture statistics and
+    update between PyTorch's moments and normalisation for large ones).
     """
     # m = 1 − (1 − m_BN)^(B/B_max), spread over the batch: each sample pulls its components with weight rate·p_bk
     rate = (1 - (1 - momentum) ** (x.shape[0] / reference_batch)) / x.shape[0]
-    kernels = native.kernels() if native.accepts(x, means, variances, weight, bias) else None
-    if kernels is not None and x.numel() < SEPARATE_MOMENTS_MIN_ELEMENTS:
-        y, new_means, new_vars = kernels.unmix_layer(x, means, variances, weight, bias, eps, temperature, rate, update)
+    layer = layer_kernels(x, means, variances, weight, bias)
+    if layer is not None:
+        y, new_means, new_vars = layer.unmix_layer(x, means, variances, weight, bias, eps, temperature, rate, update)
         return y, (new_means, new_vars)
+    kernels = native.kernels() if native.accepts(x, means, variances, weight, bias) else None
     if kernels is not None:
         rows = x.flatten(2)
         sums, norms = row_sums_and_norms(rows)
