@@ -14,12 +14,12 @@ from collections.abc import Iterator
 
 import pytest
 import torch
+from kernel_cases import SETTINGS, blended_norm_case, layer_inputs, rate, with_affine
 from reference import alpha_norm, resnet20_forward, unmix_layer
 from torch import nn
 
 from ttaserve.adapters import Adapter, StrategyContext, gpu_kernels
 
-SETTINGS = {"eps": 1e-5, "temperature": 0.07, "momentum": 0.1, "reference_batch": 64}
 CUDA = torch.cuda.is_available()
 DEVICE = torch.device("cuda" if CUDA else "cpu")
 
@@ -44,20 +44,8 @@ def kernels() -> Iterator[gpu_kernels.GpuKernels]:
 
 
 def _layer_inputs(b: int, c: int, h: int, w: int, seed: int, offset: float = 0.5, k: int = 4) -> tuple:
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(b, c, h, w, generator=g) * 2 + offset
-    means = torch.randn(k, c, generator=g) + offset
-    variances = torch.rand(k, c, generator=g) + 0.5
-    weight, bias = torch.rand(c, generator=g) + 0.5, torch.randn(c, generator=g)
-    return tuple(t.to(DEVICE) for t in (x, means, variances, weight, bias))
-
-
-def _rate(batch: int) -> float:
-    return (1 - (1 - SETTINGS["momentum"]) ** (batch / SETTINGS["reference_batch"])) / batch
-
-
-def _with_affine(y: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
-    return y * weight.double().cpu()[None, :, None, None] + bias.double().cpu()[None, :, None, None]
+    """``kernel_cases.layer_inputs`` on the device under test."""
+    return tuple(t.to(DEVICE) for t in layer_inputs(b, c, h, w, seed, offset, k))
 
 
 # one row per channel; rows of 21 elements (no power of two); 64 channels of 8x8 (several row blocks); channels
@@ -72,15 +60,7 @@ def test_channel_norm_matches_float64(
     kernels: gpu_kernels.GpuKernels, alpha: float, shape: tuple, offset: float
 ) -> None:
     x, _, _, weight, bias = _layer_inputs(*shape, seed=1, offset=offset)
-    bn = nn.BatchNorm2d(shape[1]).eval()
-    with torch.no_grad():
-        bn.running_mean.normal_(offset, 1.0)
-        bn.running_var.uniform_(0.5, 2.0)
-        bn.weight.copy_(weight.cpu())
-        bn.bias.copy_(bias.cpu())
-    model = nn.Sequential()
-    model.add_module("bn", bn)
-    expected = alpha_norm(model, alpha)("bn", x.double().cpu())
+    bn, expected = blended_norm_case(x, weight, bias, alpha, offset)
     source_mean, source_var = bn.running_mean.to(DEVICE), bn.running_var.to(DEVICE)
     y = kernels.channel_norm(x, source_mean, source_var, alpha, weight, bias, bn.eps)
     assert y.device == x.device and y.shape == x.shape
@@ -102,10 +82,10 @@ def test_channel_norm_without_affine_or_source_statistics_is_plain_batch_normali
 def test_unmix_layer_matches_float64(kernels: gpu_kernels.GpuKernels, shape: tuple, k: int, update: bool) -> None:
     x, means, variances, weight, bias = _layer_inputs(*shape, seed=3, k=k)
     y, new_means, new_vars = kernels.unmix_layer(
-        x, means, variances, weight, bias, SETTINGS["eps"], SETTINGS["temperature"], _rate(shape[0]), update
+        x, means, variances, weight, bias, SETTINGS["eps"], SETTINGS["temperature"], rate(shape[0]), update
     )
     ref_y, ref_means, ref_vars = unmix_layer(x.cpu(), means.cpu(), variances.cpu(), **SETTINGS)
-    torch.testing.assert_close(y.double().cpu(), _with_affine(ref_y, weight, bias), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(y.double().cpu(), with_affine(ref_y, weight, bias), rtol=1e-5, atol=1e-5)
     if update:
         torch.testing.assert_close(new_means.double().cpu(), ref_means, rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(new_vars.double().cpu(), ref_vars, rtol=1e-5, atol=1e-6)
@@ -117,7 +97,7 @@ def test_unmix_layer_matches_float64(kernels: gpu_kernels.GpuKernels, shape: tup
 def test_unmix_layer_with_a_large_mean_and_no_affine_matches_float64(kernels: gpu_kernels.GpuKernels) -> None:
     x, means, variances, _, _ = _layer_inputs(3, 6, 5, 5, seed=8)
     x[1, 2] = x[1, 2] * 0.01 + 30.0  # one row with a mean 1,500x its spread
-    y, new_means, _ = kernels.unmix_layer(x, means, variances, None, None, 1e-5, 0.07, _rate(3), True)
+    y, new_means, _ = kernels.unmix_layer(x, means, variances, None, None, 1e-5, 0.07, rate(3), True)
     ref_y, ref_means, _ = unmix_layer(x.cpu(), means.cpu(), variances.cpu(), **SETTINGS)
     torch.testing.assert_close(y.double().cpu(), ref_y, rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(new_means.double().cpu(), ref_means, rtol=1e-5, atol=1e-5)

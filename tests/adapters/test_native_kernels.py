@@ -9,13 +9,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from kernel_cases import SETTINGS, blended_norm_case, layer_inputs, rate, with_affine
 from reference import alpha_norm, resnet20_forward, unmix_layer
 from torch import nn
 
 from ttaserve.adapters import Adapter, native
 from ttaserve.adapters.norm import unmix_normalise
-
-SETTINGS = {"eps": 1e-5, "temperature": 0.07, "momentum": 0.1, "reference_batch": 64}
 
 
 @pytest.fixture(scope="module")
@@ -27,38 +26,12 @@ def kernels() -> native.NativeKernels:
     return built
 
 
-def _layer_inputs(b: int, c: int, h: int, w: int, seed: int, offset: float = 0.5) -> tuple[torch.Tensor, ...]:
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(b, c, h, w, generator=g) * 2 + offset
-    means = torch.randn(4, c, generator=g) + offset
-    variances = torch.rand(4, c, generator=g) + 0.5
-    weight, bias = torch.rand(c, generator=g) + 0.5, torch.randn(c, generator=g)
-    return x, means, variances, weight, bias
-
-
-def _rate(batch: int) -> float:
-    return (1 - (1 - SETTINGS["momentum"]) ** (batch / SETTINGS["reference_batch"])) / batch
-
-
-def _with_affine(y: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
-    return y * weight.double()[None, :, None, None] + bias.double()[None, :, None, None]
-
-
 @pytest.mark.parametrize("alpha", [0.0, 0.3, 1.0])
 @pytest.mark.parametrize("shape", [(1, 16, 32, 32), (3, 5, 7, 3)])  # rows of 1,024 and of 21 (not a multiple of 8)
 @pytest.mark.parametrize("offset", [0.0, 40.0])  # a mean 20x the spread: E[x²] − E[x]² in float32 would lose it
 def test_channel_norm_matches_float64(kernels: native.NativeKernels, alpha: float, shape: tuple, offset: float) -> None:
-    x, _, _, weight, bias = _layer_inputs(*shape, seed=1, offset=offset)
-    c = shape[1]
-    bn = nn.BatchNorm2d(c).eval()
-    with torch.no_grad():
-        bn.running_mean.normal_(offset, 1.0)
-        bn.running_var.uniform_(0.5, 2.0)
-        bn.weight.copy_(weight)
-        bn.bias.copy_(bias)
-    model = nn.Sequential()
-    model.add_module("bn", bn)
-    expected = alpha_norm(model, alpha)("bn", x.double())
+    x, _, _, weight, bias = layer_inputs(*shape, seed=1, offset=offset)
+    bn, expected = blended_norm_case(x, weight, bias, alpha, offset)
     y = kernels.channel_norm(x, bn.running_mean, bn.running_var, alpha, weight, bias, bn.eps)
     torch.testing.assert_close(y.double(), expected, rtol=1e-5, atol=1e-5)
 
@@ -66,7 +39,7 @@ def test_channel_norm_matches_float64(kernels: native.NativeKernels, alpha: floa
 def test_channel_norm_without_affine_or_source_statistics_is_plain_batch_normalisation(
     kernels: native.NativeKernels,
 ) -> None:
-    x = _layer_inputs(2, 4, 5, 5, seed=2)[0]
+    x = layer_inputs(2, 4, 5, 5, seed=2)[0]
     expected = torch.nn.functional.batch_norm(x.double(), None, None, training=True, eps=1e-5)
     torch.testing.assert_close(kernels.channel_norm(x, None, None, 1.0, None, None, 1e-5).double(), expected)
 
@@ -74,12 +47,12 @@ def test_channel_norm_without_affine_or_source_statistics_is_plain_batch_normali
 @pytest.mark.parametrize("shape", [(1, 16, 32, 32), (5, 4, 6, 6), (2, 64, 3, 3)])
 @pytest.mark.parametrize("update", [True, False])
 def test_unmix_layer_matches_float64(kernels: native.NativeKernels, shape: tuple, update: bool) -> None:
-    x, means, variances, weight, bias = _layer_inputs(*shape, seed=3)
+    x, means, variances, weight, bias = layer_inputs(*shape, seed=3)
     y, new_means, new_vars = kernels.unmix_layer(
-        x, means, variances, weight, bias, SETTINGS["eps"], SETTINGS["temperature"], _rate(shape[0]), update
+        x, means, variances, weight, bias, SETTINGS["eps"], SETTINGS["temperature"], rate(shape[0]), update
     )
     ref_y, ref_means, ref_vars = unmix_layer(x, means, variances, **SETTINGS)
-    torch.testing.assert_close(y.double(), _with_affine(ref_y, weight, bias), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(y.double(), with_affine(ref_y, weight, bias), rtol=1e-5, atol=1e-5)
     if update:
         torch.testing.assert_close(new_means.double(), ref_means, rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(new_vars.double(), ref_vars, rtol=1e-5, atol=1e-6)
@@ -90,14 +63,14 @@ def test_unmix_layer_matches_float64(kernels: native.NativeKernels, shape: tuple
 
 @pytest.mark.parametrize("from_sums", [True, False])
 def test_unmix_stats_match_float64(kernels: native.NativeKernels, from_sums: bool) -> None:
-    x, means, variances, _, _ = _layer_inputs(6, 8, 4, 4, seed=4)
+    x, means, variances, _, _ = layer_inputs(6, 8, 4, 4, seed=4)
     rows = x.flatten(2)
     if from_sums:
         first, second, length = rows.sum(-1), torch.linalg.vector_norm(rows, dim=-1), rows.shape[-1]
     else:
         second, first = torch.var_mean(x, dim=(2, 3), correction=0)
         length = 0
-    stats = kernels.unmix_stats(first, second, length, means, variances, SETTINGS["temperature"], _rate(6), True)
+    stats = kernels.unmix_stats(first, second, length, means, variances, SETTINGS["temperature"], rate(6), True)
     assert stats is not None
     mean, var, new_means, new_vars = stats
     ref_y, ref_means, ref_vars = unmix_layer(x, means, variances, **SETTINGS)
@@ -109,27 +82,27 @@ def test_unmix_stats_match_float64(kernels: native.NativeKernels, from_sums: boo
 
 
 def test_unmix_layer_without_affine_matches_float64(kernels: native.NativeKernels) -> None:
-    x, means, variances, _, _ = _layer_inputs(3, 6, 5, 5, seed=8)
-    y, _, _ = kernels.unmix_layer(x, means, variances, None, None, 1e-5, 0.07, _rate(3), False)
+    x, means, variances, _, _ = layer_inputs(3, 6, 5, 5, seed=8)
+    y, _, _ = kernels.unmix_layer(x, means, variances, None, None, 1e-5, 0.07, rate(3), False)
     ref_y, _, _ = unmix_layer(x, means, variances, **SETTINGS)
     torch.testing.assert_close(y.double(), ref_y, rtol=1e-5, atol=1e-5)
 
 
 def test_unmix_stats_refuse_sums_that_cannot_give_a_precise_variance(kernels: native.NativeKernels) -> None:
-    x, means, variances, _, _ = _layer_inputs(2, 4, 8, 8, seed=5)
+    x, means, variances, _, _ = layer_inputs(2, 4, 8, 8, seed=5)
     x[1, 2] = x[1, 2] * 0.01 + 30.0  # one row with a mean 1,500x its spread
     rows = x.flatten(2)
     sums, norms = rows.sum(-1), torch.linalg.vector_norm(rows, dim=-1)
-    assert kernels.unmix_stats(sums, norms, rows.shape[-1], means, variances, 0.07, _rate(2), True) is None
+    assert kernels.unmix_stats(sums, norms, rows.shape[-1], means, variances, 0.07, rate(2), True) is None
 
 
 def test_unmix_layer_with_a_large_mean_matches_float64_through_the_fallback() -> None:
     """A large input whose row sums are ill-conditioned: the moments are computed around the mean instead."""
-    x, means, variances, weight, bias = _layer_inputs(16, 16, 16, 16, seed=6)
+    x, means, variances, weight, bias = layer_inputs(16, 16, 16, 16, seed=6)
     x[3, 5] = x[3, 5] * 0.01 + 30.0
     y, (new_means, new_vars) = unmix_normalise(x, means, variances, weight, bias, **SETTINGS)
     ref_y, ref_means, ref_vars = unmix_layer(x, means, variances, **SETTINGS)
-    torch.testing.assert_close(y.double(), _with_affine(ref_y, weight, bias), rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(y.double(), with_affine(ref_y, weight, bias), rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(new_means.double(), ref_means, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(new_vars.double(), ref_vars, rtol=1e-5, atol=1e-5)
 
@@ -172,14 +145,14 @@ def test_tbn_at_batch_one_uses_the_kernels_and_matches_float64(
 
 
 def test_kernels_run_concurrently_from_threads(kernels: native.NativeKernels) -> None:
-    x, means, variances, weight, bias = _layer_inputs(1, 16, 32, 32, seed=7)
-    expected = kernels.unmix_layer(x, means, variances, weight, bias, 1e-5, 0.07, _rate(1), True)
+    x, means, variances, weight, bias = layer_inputs(1, 16, 32, 32, seed=7)
+    expected = kernels.unmix_layer(x, means, variances, weight, bias, 1e-5, 0.07, rate(1), True)
     results: list[tuple[torch.Tensor, ...]] = []
     lock = threading.Lock()
 
     def run() -> None:
         for _ in range(200):
-            out = kernels.unmix_layer(x, means, variances, weight, bias, 1e-5, 0.07, _rate(1), True)
+            out = kernels.unmix_layer(x, means, variances, weight, bias, 1e-5, 0.07, rate(1), True)
             with lock:
                 results.append(out)
 
