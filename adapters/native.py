@@ -25,7 +25,7 @@ import torch
 
 from .load_once import LoadOnce, switched_off
 from .moments import CANCELLATION_LIMIT
-from .native_build import build_shared_library
+from .native_build import shared_library
 
 log = logging.getLogger(__name__)
 
@@ -180,8 +180,9 @@ def _load() -> NativeKernels | None:
 
 
 def build_library() -> Path:
-    """Compile ``kernels.c`` into the cache folder unless a library of the same source and command is there."""
-    return build_shared_library(SOURCE, "kernels", [os.environ.get("CC", "cc"), *CFLAGS], ["-lm"])
+    """Compile ``kernels.c`` into the cache folder unless a library of the same source and command is there (or,
+    with no compiler, one of the same source)."""
+    return shared_library(SOURCE, "kernels", lambda: ([os.environ.get("CC", "cc"), *CFLAGS], ["-lm"]))
 
 
 _KERNELS: LoadOnce[NativeKernels | None] = LoadOnce(_load)

@@ -11,8 +11,9 @@ their handlers see a context with the ``grpc.ServicerContext`` methods they use.
 polling thread that read the request; streaming calls get a Python thread of their own, as under ``grpc.server``.
 
 The shared library is compiled on first use from ``frontend.cc`` against the system's gRPC C++ library (Debian
-``libgrpc++-dev``, found with ``pkg-config``) and cached like the normalisation kernels. ``build_library`` raises
-RuntimeError where it cannot be built; the server then uses ``grpc.server`` (``frontend: auto``).
+``libgrpc++-dev``, found with ``pkg-config``) and cached like the normalisation kernels; an image can ship it
+prebuilt in the cache folder and leave the toolchain out. ``build_library`` raises RuntimeError where it can be
+neither built nor found prebuilt; the server then uses ``grpc.server`` (``frontend: auto``).
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ from typing import Any, NoReturn
 
 import grpc
 
-from ttaserve.adapters.native_build import build_shared_library
+from ttaserve.adapters.native_build import shared_library
 
 log = logging.getLogger(__name__)
 
@@ -51,7 +52,15 @@ _U64, _PTR, _SIZE = ctypes.c_uint64, ctypes.c_void_p, ctypes.c_size_t
 
 
 def build_library() -> Path:
-    """Compile ``frontend.cc`` against the system gRPC C++ library, into the cache folder unless built before."""
+    """Compile ``frontend.cc`` against the system gRPC C++ library, into the cache folder unless built before.
+
+    Without the toolchain (a runtime image holds the gRPC C++ runtime libraries but not ``pkg-config``, the headers
+    or a compiler) a library prebuilt from this same source into the cache folder is used as it is."""
+    return shared_library(SOURCE, "frontend", _compile_and_link_flags)
+
+
+def _compile_and_link_flags() -> tuple[list[str], list[str]]:
+    """(compiler and compile flags, link flags) for ``frontend.cc``, from ``pkg-config grpc++``."""
     if shutil.which("pkg-config") is None:
         raise RuntimeError("pkg-config not found (install pkg-config and libgrpc++-dev)")
     found = subprocess.run(["pkg-config", "--cflags", "--libs", "grpc++"], capture_output=True, text=True)
@@ -60,8 +69,7 @@ def build_library() -> Path:
     flags = found.stdout.split()
     compile_flags = [f for f in flags if not f.startswith(("-l", "-L", "-Wl"))]
     link_flags = [f for f in flags if f.startswith(("-l", "-L", "-Wl"))]
-    command = [os.environ.get("CXX", "c++"), *CXXFLAGS, *compile_flags]
-    return build_shared_library(SOURCE, "frontend", command, link_flags)
+    return [os.environ.get("CXX", "c++"), *CXXFLAGS, *compile_flags], link_flags
 
 
 _library_lock = threading.Lock()

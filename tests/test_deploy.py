@@ -9,6 +9,7 @@ import copy
 import json
 import math
 import os
+import re
 import shutil
 import subprocess
 from pathlib import Path
@@ -288,3 +289,44 @@ def test_kserve_examples() -> None:
     )
     drain = float(next(e["value"] for e in container["env"] if e["name"] == "TTASERVE_DRAIN_TIMEOUT_S"))
     assert service["spec"]["predictor"]["terminationGracePeriodSeconds"] >= drain + 10
+
+
+def dockerfile_stages(path: Path) -> list[list[tuple[str, str]]]:
+    """Per build stage, its (INSTRUCTION, arguments) pairs, continuation lines joined and comments dropped."""
+    text = path.read_text().replace("\\\n", " ")
+    stages: list[list[tuple[str, str]]] = [[]]
+    for line in text.splitlines():
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        instruction, _, arguments = line.partition(" ")
+        if instruction.upper() == "FROM":
+            stages.append([])
+        stages[-1].append((instruction.upper(), arguments.strip()))
+    return stages
+
+
+def test_the_image_is_what_the_manifests_run() -> None:
+    """deploy/docker/Dockerfile against the Deployment and the KServe runtime: the same command, user, ports and
+    HOME, arguments the CLI accepts, and every package of the distribution copied in (deploy/docker/check.sh builds
+    the image and serves requests through it)."""
+    runtime = dict(dockerfile_stages(DEPLOY / "docker" / "Dockerfile")[-1])
+    (deployment,) = load_folder(DEPLOY / "k8s")["deployment.yaml"]
+    pod = deployment["spec"]["template"]["spec"]
+    (container,) = pod["containers"]
+    kserve = load_folder(DEPLOY / "kserve")["servingruntime.yaml"][0]["spec"]["containers"][0]
+    entrypoint, cmd = json.loads(runtime["ENTRYPOINT"]), json.loads(runtime["CMD"])
+    assert entrypoint == container["command"] == kserve["command"]
+    assert runtime["USER"] == f"{pod['securityContext']['runAsUser']}:{pod['securityContext']['runAsGroup']}"
+    exposed = {int(port) for port in runtime["EXPOSE"].split()}
+    assert {p["containerPort"] for p in container["ports"]} == exposed
+    args = _build_parser().parse_args(cmd)
+    assert {args.grpc_port, args.metrics_port} == exposed
+    assert "HOME=/tmp" in runtime["ENV"].split()
+    assert {"name": "HOME", "value": "/tmp"} in container["env"] and {"name": "HOME", "value": "/tmp"} in kserve["env"]
+    build = dockerfile_stages(DEPLOY / "docker" / "Dockerfile")[1]
+    copied = {arguments.split()[0] for instruction, arguments in build if instruction == "COPY"}
+    (package_dir,) = re.findall(r"^package-dir = \{(.*)\}$", (ROOT / "pyproject.toml").read_text(), re.M)
+    sources = {folder.split("/")[0] for folder in re.findall(r'= "([^"]+)"', package_dir)}
+    assert sources >= {"server", "adapters", "client", "proto"}
+    assert sources | {"pyproject.toml"} <= copied

@@ -5,6 +5,7 @@ interrupted streams, and for many callers at once; ``frontend: auto`` falls back
 from __future__ import annotations
 
 import logging
+import shutil
 import socket
 import threading
 import time
@@ -19,6 +20,7 @@ import tritonclient.grpc as tc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from support import native_frontend_or_skip, start
 
+from ttaserve.adapters import native
 from ttaserve.server import native_frontend
 from ttaserve.server.app import ServerHandle
 
@@ -207,6 +209,25 @@ def test_auto_falls_back_to_the_python_server_when_the_library_cannot_be_built(
         assert "no compiler 'no-such-compiler-ttaserve'" in caplog.text
         assert isinstance(handle.server, grpc.Server)
         assert logits(tc.InferenceServerClient(f"127.0.0.1:{handle.grpc_port}"), images(2, 1)).shape == (2, 10)
+    finally:
+        handle.stop()
+
+
+def test_a_prebuilt_front_end_serves_where_it_cannot_be_built(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """A runtime image: the library was built into the cache folder (with the compiler, headers and pkg-config of a
+    build stage); the running server has none of those and still gets the native front end."""
+    native_frontend_or_skip()
+    monkeypatch.setenv("TTASERVE_CACHE", str(tmp_path / "cache"))
+    built = native_frontend.build_library()
+    native.build_library()  # the C kernels too, so that nothing this server loads needs a compiler
+    monkeypatch.setattr(native_frontend, "_library", [])
+    monkeypatch.setenv("PATH", str(tmp_path / "no-tools-here"))
+    assert shutil.which("pkg-config") is None and shutil.which("c++") is None
+    assert native_frontend.build_library() == built
+    handle = start(None, metrics_port=None, frontend="native", snapshot_dir=tmp_path)
+    try:
+        assert isinstance(handle.server, native_frontend.NativeServer)
+        assert logits(tc.InferenceServerClient(f"127.0.0.1:{handle.grpc_port}"), images(3, 2)).shape == (3, 10)
     finally:
         handle.stop()
 

@@ -214,3 +214,25 @@ def test_the_library_is_built_once_and_reused_without_the_compiler(
     x = torch.randn(1, 4, 3, 3)
     expected = torch.nn.functional.batch_norm(x, None, None, training=True, eps=1e-5)
     torch.testing.assert_close(loaded.channel_norm(x, None, None, 1.0, None, None, 1e-5), expected)
+
+
+def test_without_a_compiler_a_library_prebuilt_from_the_same_source_is_used(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """An image built with one compiler command, run where another (or none) is configured: the library built from
+    this very source is taken; one built from another source never is."""
+    if shutil.which("cc") is None:
+        pytest.skip("no C compiler 'cc' on this machine")
+    monkeypatch.setenv("TTASERVE_CACHE", str(tmp_path))
+    stale = tmp_path / "kernels-0123456789abcdef-00000000.so"
+    stale.write_bytes(b"built from another kernels.c")
+    monkeypatch.setenv("CC", "no-such-compiler-ttaserve")
+    with pytest.raises(RuntimeError, match="no kernels library prebuilt from this source"):
+        native.build_library()
+    monkeypatch.setenv("CC", "cc")
+    built = native.build_library()
+    monkeypatch.setenv("CC", "no-such-compiler-ttaserve")
+    with caplog.at_level(logging.INFO, logger="ttaserve.adapters.native_build"):
+        assert native.build_library() == built
+    assert f"using the one prebuilt at {built}" in caplog.text
+    assert native._load() is not None
