@@ -157,10 +157,10 @@ class _Context:
         return None if self._deadline is None else max(0.0, self._deadline - time.monotonic())
 
     def is_active(self) -> bool:
-        return not self._call.done.is_set()
+        return not self._call.done
 
     def add_callback(self, callback: Callable[[], None]) -> bool:
-        if self._call.done.is_set():
+        if self._call.done:
             return False
         self._callbacks.append(callback)
         return True
@@ -207,10 +207,15 @@ class _Call:
     def __init__(self, server: NativeServer, call_id: int, handler: grpc.RpcMethodHandler, start: _Start) -> None:
         remaining, method, peer, metadata = start
         self.server, self.id, self.handler, self.method = server, call_id, handler, method
-        self.done = threading.Event()
+        # Read by other threads (``is_active``) but only ever set once, so a plain attribute is enough; a unary call
+        # (most calls) never needs the request queue. An Event and a queue cost ~3.5 µs per call, of ~11 µs
+        # of front-end Python.
+        self.done = False
         deadline = None if remaining is None else time.monotonic() + remaining
         self.context = _Context(self, deadline, peer, metadata)
-        self.requests: queue.SimpleQueue[bytes | None] = queue.SimpleQueue()
+        self.requests: queue.SimpleQueue[bytes | None] | None = (
+            queue.SimpleQueue() if handler.request_streaming else None
+        )
 
     # --- the way back -----------------------------------------------------------------------------------------
     def write(self, message: Any) -> bool:
@@ -252,6 +257,7 @@ class _Call:
             return None
 
     def request_stream(self) -> Iterator[Any]:
+        assert self.requests is not None
         while (data := self.requests.get()) is not None:
             request = self.parse(data)
             if request is None:
@@ -297,9 +303,14 @@ class _Call:
             self.finish_with_error(exc)
 
     def ended(self) -> None:
-        self.done.set()
-        self.requests.put(None)
+        self.done = True
+        self.end_requests()
         self.context.run_callbacks()
+
+    def end_requests(self) -> None:
+        """Wake a handler reading the request stream: no more requests will come."""
+        if self.requests is not None:
+            self.requests.put(None)
 
 
 class _HandlerTable:
@@ -445,7 +456,7 @@ class NativeServer(_HandlerTable):
             if event == _MESSAGE:
                 self._on_message(call, _borrowed(data, length))
             elif event == _HALF_CLOSE:
-                call.requests.put(None)
+                call.end_requests()
                 if not call.handler.request_streaming:  # a unary request is read once: no message came
                     call.finish(grpc.StatusCode.INTERNAL, "the client sent no request")
             else:
@@ -483,7 +494,7 @@ class NativeServer(_HandlerTable):
 
     def _on_message(self, call: _Call, data: memoryview) -> None:
         handler = call.handler
-        if handler.request_streaming:
+        if call.requests is not None:
             call.requests.put(bytes(data))
         elif handler.response_streaming:
             _run_on_own_thread(call, bytes(data))
