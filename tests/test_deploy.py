@@ -310,7 +310,8 @@ def test_the_image_is_what_the_manifests_run() -> None:
     """deploy/docker/Dockerfile against the Deployment and the KServe runtime: the same command, user, ports and
     HOME, arguments the CLI accepts, and every package of the distribution copied in (deploy/docker/check.sh builds
     the image and serves requests through it)."""
-    runtime = dict(dockerfile_stages(DEPLOY / "docker" / "Dockerfile")[-1])
+    stages = dockerfile_stages(DEPLOY / "docker" / "Dockerfile")
+    build, runtime = stages[1], dict(stages[-1])
     (deployment,) = load_folder(DEPLOY / "k8s")["deployment.yaml"]
     pod = deployment["spec"]["template"]["spec"]
     (container,) = pod["containers"]
@@ -324,7 +325,6 @@ def test_the_image_is_what_the_manifests_run() -> None:
     assert {args.grpc_port, args.metrics_port} == exposed
     assert "HOME=/tmp" in runtime["ENV"].split()
     assert {"name": "HOME", "value": "/tmp"} in container["env"] and {"name": "HOME", "value": "/tmp"} in kserve["env"]
-    build = dockerfile_stages(DEPLOY / "docker" / "Dockerfile")[1]
     copied = {arguments.split()[0] for instruction, arguments in build if instruction == "COPY"}
     (package_dir,) = re.findall(r"^package-dir = \{(.*)\}$", (ROOT / "pyproject.toml").read_text(), re.M)
     sources = {folder.split("/")[0] for folder in re.findall(r'= "([^"]+)"', package_dir)}
