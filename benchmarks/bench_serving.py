@@ -9,12 +9,15 @@ cost alone), so the ratio charges the server for all of its work.
 
     python benchmarks/bench_serving.py [--rounds 5] [--seconds 2] [--engine onnx|torch-cuda]
                                        [--batch-sizes 1 64] [--clients 1 4] [--frontends native python]
-                                       [--instances 1 2]
+                                       [--instances 1 2] [--transports message shm]
 
 Each gRPC front end (``--frontends``: the native C++ one and grpcio's Python server) and each model ``instances``
 count (``--instances``: forwards that may run at once, each with cores / instances ONNX Runtime threads) gets a
 server process of its own; all run throughout, and each round measures every one, so their ratios come from the
 same rounds.
+
+``--transports shm`` also measures clients that pass the batch and the logits through system shared memory (Triton's
+shared-memory extension, for a client on the same host): the messages then carry only the tensors' descriptions.
 
 ``--engine torch-cuda`` serves the PyTorch model on the GPU and compares with the same network's in-process CUDA
 forward (synchronised), for machines whose ONNX Runtime has no CUDA provider.
@@ -31,7 +34,9 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable
+import uuid
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -39,6 +44,7 @@ import numpy as np
 import onnxruntime as ort
 import torch
 import tritonclient.grpc as tc
+import tritonclient.utils.shared_memory as shm
 import yaml
 
 from ttaserve.server.architectures import build_architecture, load_state_dict
@@ -100,6 +106,7 @@ def start_server(repo: Path, port: int, device: str, frontend: str) -> subproces
         str(free_port()),
         "--frontend",
         frontend,
+        "--allow-shared-memory",
     ]
     # cwd: the server writes session snapshots under its working directory
     process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, cwd=repo)
@@ -144,22 +151,51 @@ def run_in_process(forward: Callable[[np.ndarray], object], batch: np.ndarray, s
     return Measurement(len(latencies) * len(batch) / total_s, latencies)
 
 
-def run_served(url: str, batch: np.ndarray, clients: int, seconds: float) -> Measurement:
+@contextmanager
+def request_tensors(
+    client: tc.InferenceServerClient, batch: np.ndarray, transport: str
+) -> Iterator[tuple[list[tc.InferInput], list[tc.InferRequestedOutput]]]:
+    """The request's input and output: in the messages, or in shared-memory regions of this client's own."""
+    tensor = tc.InferInput("input", list(batch.shape), "UINT8")
+    output = tc.InferRequestedOutput("logits")
+    if transport == "message":
+        tensor.set_data_from_numpy(batch)
+        yield [tensor], [output]
+        return
+    tag = uuid.uuid4().hex[:12]
+    logits_bytes = len(batch) * 10 * 4
+    regions = {"in": batch.nbytes, "out": logits_bytes}
+    handles = {
+        role: shm.create_shared_memory_region(f"{role}-{tag}", f"/bench-{role}-{tag}", size)
+        for role, size in regions.items()
+    }
+    try:
+        shm.set_shared_memory_region(handles["in"], [batch])
+        for role, size in regions.items():
+            client.register_system_shared_memory(f"{role}-{tag}", f"/bench-{role}-{tag}", size)
+        tensor.set_shared_memory(f"in-{tag}", batch.nbytes)
+        output.set_shared_memory(f"out-{tag}", logits_bytes)
+        yield [tensor], [output]
+    finally:
+        for role, handle in handles.items():
+            client.unregister_system_shared_memory(f"{role}-{tag}")
+            shm.destroy_shared_memory_region(handle)
+
+
+def run_served(url: str, batch: np.ndarray, clients: int, seconds: float, transport: str) -> Measurement:
     latencies: list[list[float]] = [[] for _ in range(clients)]
     barrier = threading.Barrier(clients + 1)
     stop_at = [0.0]
 
     def worker(index: int) -> None:
         client = tc.InferenceServerClient(url)
-        tensor = tc.InferInput("input", list(batch.shape), "UINT8")
-        tensor.set_data_from_numpy(batch)
-        outputs = [tc.InferRequestedOutput("logits")]
-        client.infer("resnet20", [tensor], outputs=outputs)  # warm the channel
-        barrier.wait()
-        while time.perf_counter() < stop_at[0]:
-            t0 = time.perf_counter()
-            client.infer("resnet20", [tensor], outputs=outputs)
-            latencies[index].append((time.perf_counter() - t0) * 1000)
+        with request_tensors(client, batch, transport) as (inputs, outputs):
+            client.infer("resnet20", inputs, outputs=outputs)  # warm the channel
+            barrier.wait()
+            while time.perf_counter() < stop_at[0]:
+                t0 = time.perf_counter()
+                client.infer("resnet20", inputs, outputs=outputs)
+                latencies[index].append((time.perf_counter() - t0) * 1000)
 
     threads = [threading.Thread(target=worker, args=(i,)) for i in range(clients)]
     for t in threads:
@@ -187,6 +223,7 @@ def main() -> None:
     parser.add_argument("--clients", type=int, nargs="+", default=[1, 4])
     parser.add_argument("--frontends", nargs="+", choices=("native", "python"), default=["native", "python"])
     parser.add_argument("--instances", type=int, nargs="+", default=[1])
+    parser.add_argument("--transports", nargs="+", choices=("message", "shm"), default=["message"])
     args = parser.parse_args()
 
     model = build_architecture("cifar_resnet20")
@@ -206,10 +243,12 @@ def main() -> None:
 
     rng = np.random.default_rng(0)
     servers = [(f, n) for f in args.frontends for n in args.instances]
-    scenarios = [(f, n, b, c) for b in args.batch_sizes for c in args.clients for f, n in servers]
+    scenarios = [
+        (f, n, b, c, t) for b in args.batch_sizes for c in args.clients for f, n in servers for t in args.transports
+    ]
     batches = {b: rng.integers(0, 256, (b, 32, 32, 3), dtype=np.uint8) for b in args.batch_sizes}
-    ratios: dict[tuple[str, int, int, int], list[float]] = {s: [] for s in scenarios}
-    served: dict[tuple[str, int, int, int], list[Measurement]] = {s: [] for s in scenarios}
+    ratios: dict[tuple[str, int, int, int, str], list[float]] = {s: [] for s in scenarios}
+    served: dict[tuple[str, int, int, int, str], list[Measurement]] = {s: [] for s in scenarios}
     baseline: dict[int, list[Measurement]] = {b: [] for b in args.batch_sizes}
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -224,10 +263,10 @@ def main() -> None:
         try:
             for _ in range(args.rounds):
                 for scenario in scenarios:
-                    frontend, instances, batch_size, clients = scenario
+                    frontend, instances, batch_size, clients, transport = scenario
                     reference = run_in_process(forward, batches[batch_size], args.seconds)
                     url = f"127.0.0.1:{ports[(frontend, instances)]}"
-                    measured = run_served(url, batches[batch_size], clients, args.seconds)
+                    measured = run_served(url, batches[batch_size], clients, args.seconds, transport)
                     baseline[batch_size].append(reference)
                     served[scenario].append(measured)
                     ratios[scenario].append(measured.images_per_s / reference.images_per_s)
@@ -245,19 +284,19 @@ def main() -> None:
         f"{args.rounds} interleaved rounds of {args.seconds:.1f} s"
     )
     print(
-        "| front end | instances | batch | clients | served img/s | in-process img/s | ratio (median) "
+        "| front end | instances | tensors in | batch | clients | served img/s | in-process img/s | ratio (median) "
         "| served p50 ms | served p99 ms | in-process p50 ms | added p50 ms |"
     )
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for scenario in scenarios:
-        frontend, instances, batch_size, clients = scenario
+        frontend, instances, batch_size, clients, transport = scenario
         runs = served[scenario]
         refs = baseline[batch_size]
         lat = [x for m in runs for x in m.latencies_ms]
         ref_lat = [x for m in refs for x in m.latencies_ms]
         p50, ref_p50 = percentile(lat, 50), percentile(ref_lat, 50)
         print(
-            f"| {frontend} | {instances} | {batch_size} | {clients} "
+            f"| {frontend} | {instances} | {transport} | {batch_size} | {clients} "
             f"| {statistics.median(m.images_per_s for m in runs):.0f} "
             f"| {statistics.median(m.images_per_s for m in refs):.0f} "
             f"| {statistics.median(ratios[scenario]):.2f} | {p50:.3f} "

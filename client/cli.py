@@ -68,6 +68,13 @@ def _build_parser() -> argparse.ArgumentParser:
     serve.add_argument(
         "--snapshot-dir", type=Path, default=None, help="session snapshots (share it between replicas for failover)"
     )
+    serve.add_argument(
+        "--allow-shared-memory",
+        action="store_const",
+        const=True,
+        default=None,
+        help="let clients on this host pass tensors through /dev/shm (Triton's system shared-memory extension)",
+    )
 
     classify = commands.add_parser("classify", help="classify image files")
     _add_connection(classify)
@@ -115,6 +122,7 @@ def _serve(args: argparse.Namespace) -> int:
         max_message_mb=args.max_message_mb,
         frontend=args.frontend,
         snapshot_dir=args.snapshot_dir,
+        allow_shared_memory=args.allow_shared_memory,
     )
     if args.no_metrics:
         settings = settings.model_copy(update={"metrics_port": None})

@@ -30,6 +30,7 @@ from .pipeline import Pipeline
 from .repository import ModelRepository
 from .sessions import SessionTable
 from .settings import ServerSettings
+from .shared_memory import SharedMemoryRegistry
 
 log = logging.getLogger(__name__)
 
@@ -192,7 +193,7 @@ def _start_server(settings: ServerSettings) -> ServerHandle:
     )
     compute.run(repository.load_all, settings.models)  # loading's tensor copies start no second OpenMP team
 
-    pipeline = Pipeline(repository, sessions, metrics)
+    pipeline = Pipeline(repository, sessions, metrics, SharedMemoryRegistry(settings.allow_shared_memory))
     inflight = InflightTracker()
     metrics.watch_sessions(sessions)
     metrics.watch_warmups(repository)

@@ -55,7 +55,7 @@ def element_count(shape: Sequence[int]) -> int:
     return count
 
 
-def decode_bytes_elements(buffer: bytes, name: str) -> list[bytes]:
+def decode_bytes_elements(buffer: bytes | memoryview, name: str) -> list[bytes]:
     """Split a raw BYTES buffer into its length-prefixed elements."""
     elements: list[bytes] = []
     view = memoryview(buffer)
@@ -78,7 +78,9 @@ def encode_bytes_elements(elements: Sequence[bytes]) -> bytes:
     return b"".join(_LENGTH.pack(len(e)) + e for e in elements)
 
 
-def decode_tensor(tensor: pb.ModelInferRequest.InferInputTensor, raw: bytes | None) -> np.ndarray | list[bytes]:
+def decode_tensor(
+    tensor: pb.ModelInferRequest.InferInputTensor, raw: bytes | memoryview | None
+) -> np.ndarray | list[bytes]:
     """The input's values: a numpy array shaped as declared, or the list of BYTES elements."""
     name, datatype, shape = tensor.name, tensor.datatype, tuple(tensor.shape)
     if any(dim < 0 for dim in shape):

@@ -23,6 +23,10 @@ class NotFound(ServingError):
     code = grpc.StatusCode.NOT_FOUND
 
 
+class AlreadyExists(ServingError):
+    code = grpc.StatusCode.ALREADY_EXISTS
+
+
 class ResourceExhausted(ServingError):
     code = grpc.StatusCode.RESOURCE_EXHAUSTED
 
@@ -33,3 +37,9 @@ class FailedPrecondition(ServingError):
 
 class Unavailable(ServingError):
     code = grpc.StatusCode.UNAVAILABLE
+
+
+class Unimplemented(ServingError):
+    """Not supported, or not enabled in this server's settings."""
+
+    code = grpc.StatusCode.UNIMPLEMENTED

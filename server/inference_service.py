@@ -8,19 +8,20 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from importlib.metadata import PackageNotFoundError, version
-from typing import TypeVar
+from typing import NoReturn, TypeVar
 
 import grpc
 
 from ttaserve.protocol import grpc_service_pb2_grpc
 from ttaserve.protocol import kserve_v2_pb2 as pb
 
-from .errors import InvalidArgument, ServingError, Unavailable
+from .errors import InvalidArgument, ServingError, Unavailable, Unimplemented
 from .loaded_model import LoadedModel
 from .model_config import ConfigError, Platform
 from .pipeline import Pipeline
 from .repository import ModelRepository
 from .request import OUTPUT_NAMES
+from .shared_memory import SharedMemoryRegistry
 
 log = logging.getLogger(__name__)
 
@@ -36,6 +37,8 @@ EXTENSIONS = (
     "reflection",
     "ttaserve_adaptation",
 )
+SHARED_MEMORY_EXTENSION = "system_shared_memory"
+_NO_CUDA_SHARED_MEMORY = "CUDA shared memory is not supported by ttaserve; register system shared memory instead"
 #: the platform names Triton clients know
 PLATFORM_NAMES = {
     Platform.PYTORCH: "pytorch",
@@ -112,6 +115,8 @@ class InferenceServicer(grpc_service_pb2_grpc.GRPCInferenceServiceServicer):
         self.repository = repository
         self.pipeline = pipeline
         self.inflight = inflight
+        self.shared_memory: SharedMemoryRegistry = pipeline.shared_memory
+        self.extensions = EXTENSIONS + ((SHARED_MEMORY_EXTENSION,) if self.shared_memory.enabled else ())
 
     def _call(self, context: grpc.ServicerContext, fn: Callable[[], T]) -> T:
         try:
@@ -154,7 +159,7 @@ class InferenceServicer(grpc_service_pb2_grpc.GRPCInferenceServiceServicer):
     def ServerMetadata(
         self, request: pb.ServerMetadataRequest, context: grpc.ServicerContext
     ) -> pb.ServerMetadataResponse:
-        return pb.ServerMetadataResponse(name="ttaserve", version=server_version(), extensions=EXTENSIONS)
+        return pb.ServerMetadataResponse(name="ttaserve", version=server_version(), extensions=self.extensions)
 
     def ModelMetadata(
         self, request: pb.ModelMetadataRequest, context: grpc.ServicerContext
@@ -302,3 +307,67 @@ class InferenceServicer(grpc_service_pb2_grpc.GRPCInferenceServiceServicer):
             return pb.RepositoryModelUnloadResponse()
 
         return self._call(context, unload)
+
+    # --- shared memory ----------------------------------------------------------------------------------------
+
+    def SystemSharedMemoryStatus(
+        self, request: pb.SystemSharedMemoryStatusRequest, context: grpc.ServicerContext
+    ) -> pb.SystemSharedMemoryStatusResponse:
+        def status() -> pb.SystemSharedMemoryStatusResponse:
+            response = pb.SystemSharedMemoryStatusResponse()
+            for region in self.shared_memory.status(request.name):
+                entry = response.regions[region.name]
+                entry.name, entry.key, entry.offset, entry.byte_size = (
+                    region.name,
+                    region.key,
+                    region.offset,
+                    region.byte_size,
+                )
+            return response
+
+        return self._call(context, status)
+
+    def SystemSharedMemoryRegister(
+        self, request: pb.SystemSharedMemoryRegisterRequest, context: grpc.ServicerContext
+    ) -> pb.SystemSharedMemoryRegisterResponse:
+        def register() -> pb.SystemSharedMemoryRegisterResponse:
+            region = self.shared_memory.register(request.name, request.key, request.offset, request.byte_size)
+            log.info(
+                "shared-memory region '%s' registered: %d bytes at offset %d of %s%s",
+                region.name,
+                region.byte_size,
+                region.offset,
+                region.key,
+                "" if region.writable else " (read-only)",
+            )
+            return pb.SystemSharedMemoryRegisterResponse()
+
+        return self._call(context, register)
+
+    def SystemSharedMemoryUnregister(
+        self, request: pb.SystemSharedMemoryUnregisterRequest, context: grpc.ServicerContext
+    ) -> pb.SystemSharedMemoryUnregisterResponse:
+        def unregister() -> pb.SystemSharedMemoryUnregisterResponse:
+            self.shared_memory.unregister(request.name)
+            return pb.SystemSharedMemoryUnregisterResponse()
+
+        return self._call(context, unregister)
+
+    def CudaSharedMemoryStatus(
+        self, request: pb.CudaSharedMemoryStatusRequest, context: grpc.ServicerContext
+    ) -> pb.CudaSharedMemoryStatusResponse:
+        return self._call(context, _no_cuda_shared_memory)
+
+    def CudaSharedMemoryRegister(
+        self, request: pb.CudaSharedMemoryRegisterRequest, context: grpc.ServicerContext
+    ) -> pb.CudaSharedMemoryRegisterResponse:
+        return self._call(context, _no_cuda_shared_memory)
+
+    def CudaSharedMemoryUnregister(
+        self, request: pb.CudaSharedMemoryUnregisterRequest, context: grpc.ServicerContext
+    ) -> pb.CudaSharedMemoryUnregisterResponse:
+        return self._call(context, _no_cuda_shared_memory)
+
+
+def _no_cuda_shared_memory() -> NoReturn:
+    raise Unimplemented(_NO_CUDA_SHARED_MEMORY)

@@ -32,6 +32,7 @@ from .request import (
     settings_json,
 )
 from .sessions import Session, SessionKey, SessionTable, marginal_entropy, session_from_payload
+from .shared_memory import BYTE_SIZE_PARAMETER, OFFSET_PARAMETER, REGION_PARAMETER, SharedMemoryRegistry
 from .warmup import initial_state
 
 log = logging.getLogger(__name__)
@@ -51,10 +52,17 @@ class RunResult:
 
 
 class Pipeline:
-    def __init__(self, repository: ModelRepository, sessions: SessionTable, metrics: Metrics) -> None:
+    def __init__(
+        self,
+        repository: ModelRepository,
+        sessions: SessionTable,
+        metrics: Metrics,
+        shared_memory: SharedMemoryRegistry,
+    ) -> None:
         self.repository = repository
         self.sessions = sessions
         self.metrics = metrics
+        self.shared_memory = shared_memory
 
     # --- entry point ------------------------------------------------------------------------------------------
 
@@ -68,8 +76,9 @@ class Pipeline:
             raise
         strategy = requested_strategy(request)
         try:
-            parsed = parse_request(request, model)
+            parsed = parse_request(request, model, self.shared_memory)
             strategy = parsed.strategy
+            check_output_space(parsed, model)
             parsed_ns = time.perf_counter_ns()
             result = self._run(model, parsed, caller, deadline)
             run_ns = time.perf_counter_ns()
@@ -329,7 +338,19 @@ def build_response(
     need_topk = max([parsed.top_k] + [o.classification for o in parsed.outputs])
     order = np.argsort(-probabilities, axis=1, kind="stable")[:, :need_topk]
     for output in parsed.outputs:
-        _add_output(response, output, logits, probabilities, order, parsed.top_k, model.labels)
+        datatype, shape, raw = _encode_output(output, logits, probabilities, order, parsed.top_k, model.labels)
+        tensor = response.outputs.add(name=output.name, datatype=datatype, shape=shape)
+        located = output.shared_memory
+        if located is None:
+            response.raw_output_contents.append(raw)
+            continue
+        located.write(raw, f"output '{output.name}'")
+        # An empty entry keeps raw_output_contents aligned with outputs, as Triton's clients index it.
+        response.raw_output_contents.append(b"")
+        set_parameter(tensor.parameters[REGION_PARAMETER], located.region.name)
+        set_parameter(tensor.parameters[BYTE_SIZE_PARAMETER], len(raw))
+        if located.offset:
+            set_parameter(tensor.parameters[OFFSET_PARAMETER], located.offset)
     params = response.parameters
     set_parameter(params["tta_strategy"], parsed.strategy)
     set_parameter(params["tta_settings"], settings_json(parsed.settings))
@@ -348,15 +369,15 @@ def build_response(
     return response
 
 
-def _add_output(
-    response: pb.ModelInferResponse,
+def _encode_output(
     output: RequestedOutput,
     logits: np.ndarray,
     probabilities: np.ndarray,
     order: np.ndarray,
     top_k: int,
     labels: tuple[str, ...],
-) -> None:
+) -> tuple[str, list[int], bytes]:
+    """An output's datatype, shape and raw bytes (``output_byte_bound`` bounds their length)."""
     rows = len(logits)
     if output.classification:
         k = output.classification
@@ -364,22 +385,45 @@ def _add_output(
         values = [
             f"{scores[r, j]:f}:{order[r, j]}:{labels[order[r, j]]}".encode() for r in range(rows) for j in range(k)
         ]
-        _append(response, output.name, "BYTES", [rows, k], encode_bytes_elements(values))
-        return
+        return "BYTES", [rows, k], encode_bytes_elements(values)
     if output.name == "logits":
-        _append(response, output.name, "FP32", list(logits.shape), logits.tobytes())
-    elif output.name == "probabilities":
-        _append(response, output.name, "FP32", list(probabilities.shape), probabilities.tobytes())
-    elif output.name == "topk_indices":
-        _append(response, output.name, "INT64", [rows, top_k], order[:, :top_k].astype("<i8").tobytes())
-    elif output.name == "topk_scores":
+        return "FP32", list(logits.shape), logits.tobytes()
+    if output.name == "probabilities":
+        return "FP32", list(probabilities.shape), probabilities.tobytes()
+    if output.name == "topk_indices":
+        return "INT64", [rows, top_k], order[:, :top_k].astype("<i8").tobytes()
+    if output.name == "topk_scores":
         scores = np.ascontiguousarray(np.take_along_axis(probabilities, order[:, :top_k], axis=1), dtype="<f4")
-        _append(response, output.name, "FP32", [rows, top_k], scores.tobytes())
-    else:  # topk_labels
-        values = [labels[i].encode() for i in order[:, :top_k].ravel()]
-        _append(response, output.name, "BYTES", [rows, top_k], encode_bytes_elements(values))
+        return "FP32", [rows, top_k], scores.tobytes()
+    values = [labels[i].encode() for i in order[:, :top_k].ravel()]  # topk_labels
+    return "BYTES", [rows, top_k], encode_bytes_elements(values)
 
 
-def _append(response: pb.ModelInferResponse, name: str, datatype: str, shape: list[int], raw: bytes) -> None:
-    response.outputs.add(name=name, datatype=datatype, shape=shape)
-    response.raw_output_contents.append(raw)
+def output_byte_bound(output: RequestedOutput, rows: int, top_k: int, labels: tuple[str, ...]) -> int:
+    """The most bytes ``_encode_output`` can give this output: exact for numbers, an upper bound for labels
+    (classification outputs never go to shared memory, as in Triton)."""
+    classes = len(labels)
+    longest_label = max((len(label.encode()) for label in labels), default=0)
+    per_row = {
+        "logits": classes * 4,
+        "probabilities": classes * 4,
+        "topk_indices": top_k * 8,
+        "topk_scores": top_k * 4,
+        "topk_labels": top_k * (4 + longest_label),
+    }
+    return rows * per_row[output.name]
+
+
+def check_output_space(parsed: ParsedRequest, model: LoadedModel) -> None:
+    """Refuse, before anything runs, an output whose shared memory may be too small: a session must not step for a
+    request whose answer cannot be delivered."""
+    rows = len(parsed.images)
+    for output in parsed.outputs:
+        if output.shared_memory is None:
+            continue
+        needed = output_byte_bound(output, rows, parsed.top_k, model.labels)
+        if needed > output.shared_memory.byte_size:
+            raise InvalidArgument(
+                f"output '{output.name}': needs up to {needed} bytes of shared memory for {rows} rows, "
+                f"shared_memory_byte_size gives {output.shared_memory.byte_size}"
+            )

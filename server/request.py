@@ -17,6 +17,7 @@ from ttaserve.protocol import kserve_v2_pb2 as pb
 from .codec import decode_tensor, parameter_value
 from .errors import InvalidArgument, ResourceExhausted
 from .loaded_model import LoadedModel
+from .shared_memory import SharedMemoryRegistry, SharedMemorySlice
 
 OUTPUT_NAMES = ("logits", "probabilities", "topk_indices", "topk_scores", "topk_labels")
 DEFAULT_TOP_K = 5
@@ -29,6 +30,8 @@ class RequestedOutput:
     name: str
     #: Triton's classification extension: return "score:index:label" for the top ``classification`` classes
     classification: int = 0
+    #: where the client asked for the output to be written instead of returned (the shared-memory extension)
+    shared_memory: SharedMemorySlice | None = None
 
 
 @dataclass(frozen=True)
@@ -50,17 +53,19 @@ class ParsedRequest:
     session: SessionRequest | None
 
 
-def parse_request(request: pb.ModelInferRequest, model: LoadedModel) -> ParsedRequest:
+def parse_request(
+    request: pb.ModelInferRequest, model: LoadedModel, shared_memory: SharedMemoryRegistry
+) -> ParsedRequest:
     """Unknown parameters without the ``tta_`` prefix are ignored, as Triton ignores them (clients add their own)."""
     params = {key: parameter_value(value) for key, value in request.parameters.items()}
     strategy, settings = parse_strategy(params)
     return ParsedRequest(
-        images=_parse_images(request, model),
+        images=_parse_images(request, model, shared_memory),
         strategy=strategy,
         settings=settings,
         settings_explicit=any(k.startswith(SETTING_PREFIX) and k != STRATEGY_PARAMETER for k in params),
         top_k=_parse_top_k(params, model.num_classes),
-        outputs=_parse_outputs(request, model.num_classes),
+        outputs=_parse_outputs(request, model.num_classes, shared_memory),
         session=_parse_session(params),
     )
 
@@ -128,7 +133,7 @@ def describe_settings(config_cls: type[StrategyConfig]) -> str:
     return ", ".join(parts)
 
 
-def _parse_images(request: pb.ModelInferRequest, model: LoadedModel) -> np.ndarray:
+def _parse_images(request: pb.ModelInferRequest, model: LoadedModel, shared_memory: SharedMemoryRegistry) -> np.ndarray:
     spec = model.config.input
     if len(request.inputs) != 1:
         names = [t.name for t in request.inputs]
@@ -153,7 +158,12 @@ def _parse_images(request: pb.ModelInferRequest, model: LoadedModel) -> np.ndarr
             f"input '{spec.name}': batch of {batch} is above model '{model.name}' max_batch_size "
             f"{model.config.max_batch_size}"
         )
-    raw = request.raw_input_contents[0] if raw_count else None
+    raw: bytes | memoryview | None = request.raw_input_contents[0] if raw_count else None
+    located = shared_memory.locate(tensor.parameters, f"input '{spec.name}'")
+    if located is not None:
+        if raw is not None or tensor.HasField("contents"):
+            raise InvalidArgument(f"input '{spec.name}': data given both in shared memory and in the request")
+        raw = located.read(f"input '{spec.name}'")
     values = decode_tensor(tensor, raw)
     if isinstance(values, list):
         if len(tensor.shape) != 1:
@@ -169,7 +179,9 @@ def _parse_top_k(params: dict[str, Any], num_classes: int) -> int:
     return min(top_k, num_classes)
 
 
-def _parse_outputs(request: pb.ModelInferRequest, num_classes: int) -> tuple[RequestedOutput, ...]:
+def _parse_outputs(
+    request: pb.ModelInferRequest, num_classes: int, shared_memory: SharedMemoryRegistry
+) -> tuple[RequestedOutput, ...]:
     if not request.outputs:
         return tuple(RequestedOutput(name) for name in OUTPUT_NAMES)
     outputs = []
@@ -182,7 +194,10 @@ def _parse_outputs(request: pb.ModelInferRequest, num_classes: int) -> tuple[Req
             if isinstance(classification, bool) or not isinstance(classification, int) or classification < 1:
                 raise InvalidArgument(f"output '{output.name}': 'classification' must be a positive integer")
             classification = min(classification, num_classes)
-        outputs.append(RequestedOutput(output.name, classification))
+        located = shared_memory.locate(output.parameters, f"output '{output.name}'")
+        if located is not None and classification:
+            raise InvalidArgument(f"output '{output.name}': a classification output cannot go to shared memory")
+        outputs.append(RequestedOutput(output.name, classification, located))
     return tuple(outputs)
 
 

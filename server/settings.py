@@ -46,6 +46,10 @@ class ServerSettings(BaseSettings):
     snapshot_dir: Path | None = None
     #: seconds a SIGTERM drain waits for in-flight requests
     drain_timeout_s: float = Field(default=30.0, ge=0)
+    #: Triton's system shared-memory extension: clients on this host register /dev/shm objects and pass tensors
+    #: through them. Off by default: a caller that may register keys may read and write any shared-memory object
+    #: the server's user can open
+    allow_shared_memory: bool = False
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
 
     @classmethod

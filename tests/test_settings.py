@@ -35,3 +35,24 @@ def test_unknown_setting_in_file(tmp_path: Path) -> None:
     config.write_text("grpc_prot: 9000\n")
     with pytest.raises(ValidationError, match="grpc_prot"):
         ServerSettings.from_sources(config)
+
+
+@pytest.mark.parametrize(
+    ("flags", "file_value", "expected"), [([], True, True), (["--allow-shared-memory"], None, True), ([], None, False)]
+)
+def test_serve_flags_reach_the_settings(
+    flags: list[str], file_value: bool | None, expected: bool, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``ttaserve serve`` turns its flags into ServerSettings; a flag left out keeps the file's value."""
+    from ttaserve.client import cli
+    from ttaserve.server import app
+
+    config = tmp_path / "settings.yaml"
+    config.write_text(
+        "grpc_port: 9300\n" + ("" if file_value is None else f"allow_shared_memory: {str(file_value).lower()}\n")
+    )
+    served: list[ServerSettings] = []
+    monkeypatch.setattr(app, "serve", served.append)
+    assert cli.main(["serve", "--config", str(config), "--snapshot-dir", str(tmp_path), *flags]) == 0
+    (settings,) = served
+    assert (settings.allow_shared_memory, settings.grpc_port, settings.snapshot_dir) == (expected, 9300, tmp_path)
