@@ -18,7 +18,7 @@ from ttaserve.protocol import kserve_v2_pb2 as pb
 
 from . import codec
 from .core import ClientBase
-from .errors import NotFound, from_rpc_error
+from .errors import NotFound, TtaserveError, from_rpc_error
 from .results import BatchResult, ModelEntry, ModelMetadata, SessionInfo, Snapshot, Strategy
 from .session import SessionCore
 
@@ -99,18 +99,30 @@ class AsyncClient(ClientBase):
     ) -> BatchResult:
         target = await self._input(model, version)
         flags = session.next_flags(end) if session is not None else None
-        request = codec.build_infer_request(
-            model,
-            target,
-            codec.encode_images(images, target),
-            version=version,
-            strategy=strategy,
-            top_k=top_k,
-            settings=settings,
-            sequence=flags,
-        )
-        metadata = session.metadata if session is not None else None
-        response = await self._call(self._inference.ModelInfer, request, timeout_s, metadata)
+        encoded = codec.encode_images(images, target)
+        slot, new = self._lend_slot(encoded)
+        if slot is not None and new:
+            try:
+                await self._call(self._inference.SystemSharedMemoryRegister, self._register_request(slot))
+            except TtaserveError:
+                self._discard_slot(slot)
+                raise
+        try:
+            request = codec.build_infer_request(
+                model,
+                target,
+                encoded,
+                version=version,
+                strategy=strategy,
+                top_k=top_k,
+                settings=settings,
+                sequence=flags,
+                shared_memory_region=slot.region if slot is not None else None,
+            )
+            metadata = session.metadata if session is not None else None
+            response = await self._call(self._inference.ModelInfer, request, timeout_s, metadata)
+        finally:
+            self._return_slot(slot)
         result = codec.parse_infer_response(response, top_k)
         if session is not None and flags is not None:
             session.record(flags)
@@ -134,6 +146,9 @@ class AsyncClient(ClientBase):
         return [codec.parse_session(s) for s in (await self._call(self._adaptation.ListSessions, request)).sessions]
 
     async def close(self) -> None:
+        for slot in self._close_slots():
+            with contextlib.suppress(TtaserveError):
+                await self._call(self._inference.SystemSharedMemoryUnregister, self._unregister_request(slot))
         await self._channel.close()
 
     async def __aenter__(self) -> AsyncClient:

@@ -215,11 +215,17 @@ def build_infer_request(
     top_k: int = 5,
     settings: Mapping[str, bool | int | float | str] | None = None,
     sequence: SequenceFlags | None = None,
+    shared_memory_region: str | None = None,
 ) -> pb.ModelInferRequest:
-    """A ModelInfer request; ``settings`` keys may be given with or without their ``tta_`` prefix."""
+    """A ModelInfer request; ``settings`` keys may be given with or without their ``tta_`` prefix. With
+    ``shared_memory_region`` the input's bytes are in that registered region (at offset 0), not in the request."""
     request = pb.ModelInferRequest(model_name=model, model_version=version)
-    request.inputs.add(name=target.name, datatype=images.datatype, shape=images.shape)
-    request.raw_input_contents.append(images.raw)
+    tensor = request.inputs.add(name=target.name, datatype=images.datatype, shape=images.shape)
+    if shared_memory_region is None:
+        request.raw_input_contents.append(images.raw)
+    else:
+        set_parameter(tensor.parameters, "shared_memory_region", shared_memory_region)
+        set_parameter(tensor.parameters, "shared_memory_byte_size", len(images.raw))
     set_parameter(request.parameters, "tta_strategy", strategy)
     set_parameter(request.parameters, "top_k", int(top_k))
     for key, value in (settings or {}).items():

@@ -13,10 +13,12 @@ from typing import ClassVar
 
 import grpc
 
+from ttaserve.protocol import kserve_v2_pb2 as pb
 from ttaserve.protocol.adaptation_pb2_grpc import AdaptationStub
 from ttaserve.protocol.grpc_service_pb2_grpc import GRPCInferenceServiceStub
 
-from .codec import InputTarget, call_metadata, channel_options, channel_target, read_certificates
+from .codec import EncodedInput, InputTarget, call_metadata, channel_options, channel_target, read_certificates
+from .shared_memory import SharedMemoryPool, SharedMemorySlot
 
 DEFAULT_URL = "localhost:8001"
 
@@ -66,7 +68,11 @@ class ClientBase:
         root_certificates: bytes | str | Path | None = None,
         caller: str | None = None,
         max_message_mb: int = 256,
+        shared_memory: bool = False,
     ) -> None:
+        """``shared_memory=True`` (a client on the server's host, a server run with ``--allow-shared-memory``)
+        passes each batch through /dev/shm instead of the request message (client/shared_memory.py)."""
+        self._shared_memory = SharedMemoryPool() if shared_memory else None
         core = self._core = ClientCore(
             url,
             timeout_s=timeout_s,
@@ -85,3 +91,31 @@ class ClientBase:
     @property
     def caller(self) -> str | None:
         return self._core.caller
+
+    def _lend_slot(self, encoded: EncodedInput) -> tuple[SharedMemorySlot | None, bool]:
+        """With shared memory on: a slot holding the batch, and whether the server has yet to register it."""
+        if self._shared_memory is None:
+            return None, False
+        slot, new = self._shared_memory.acquire(len(encoded.raw))
+        slot.write(encoded.raw)
+        return slot, new
+
+    def _return_slot(self, slot: SharedMemorySlot | None) -> None:
+        if slot is not None and self._shared_memory is not None:
+            self._shared_memory.release(slot)
+
+    def _discard_slot(self, slot: SharedMemorySlot) -> None:
+        if self._shared_memory is not None:
+            self._shared_memory.discard(slot)
+
+    def _close_slots(self) -> list[SharedMemorySlot]:
+        """Remove this client's objects; the caller unregisters the returned slots from the server."""
+        return self._shared_memory.close() if self._shared_memory is not None else []
+
+    @staticmethod
+    def _register_request(slot: SharedMemorySlot) -> pb.SystemSharedMemoryRegisterRequest:
+        return pb.SystemSharedMemoryRegisterRequest(name=slot.region, key=slot.key, byte_size=slot.byte_size)
+
+    @staticmethod
+    def _unregister_request(slot: SharedMemorySlot) -> pb.SystemSharedMemoryUnregisterRequest:
+        return pb.SystemSharedMemoryUnregisterRequest(name=slot.region)

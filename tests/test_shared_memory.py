@@ -3,10 +3,12 @@ that go through /dev/shm give the same answers as tensors in the messages, and e
 
 from __future__ import annotations
 
+import asyncio
 import io
 import os
 import uuid
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -18,6 +20,7 @@ import tritonclient.utils.shared_memory as shm
 from support import start
 from tritonclient.utils import InferenceServerException
 
+from ttaserve.client import AsyncClient, Client, TtaserveError
 from ttaserve.protocol import grpc_service_pb2_grpc
 from ttaserve.protocol import kserve_v2_pb2 as pb
 from ttaserve.server.app import ServerHandle
@@ -372,3 +375,52 @@ def test_a_full_object_is_resource_exhausted() -> None:
     region = SharedMemoryRegion("r", "/full", 0, 16, True, io.FileIO("/dev/full", "r+"))
     with pytest.raises(ResourceExhausted, match="output 'logits': shared-memory object '/full': No space left"):
         region.write(0, b"\x01" * 8, "output 'logits'")
+
+
+def client_objects() -> set[str]:
+    """The shared-memory objects SDK clients of this process created."""
+    return {path.name for path in SHM_ROOT.glob(f"ttaserve-{os.getpid()}-*")}
+
+
+def test_the_sdk_passes_batches_through_shared_memory(shm_server: ServerHandle, real_images: np.ndarray) -> None:
+    url = f"127.0.0.1:{shm_server.grpc_port}"
+    batches = [real_images[i * 8 : (i + 1) * 8] for i in range(8)]
+    with Client(url) as plain:
+        expected = [np.stack([c.logits for c in plain.classify(b, model=MODEL)]) for b in batches]
+    with Client(url, shared_memory=True) as client, tc.InferenceServerClient(url) as triton:
+        with ThreadPoolExecutor(4) as pool:  # one client shared by threads: each request gets a slot of its own
+            results = list(pool.map(lambda b: client.classify(b, model=MODEL), batches * 3))
+        for index, result in enumerate(results):
+            np.testing.assert_array_equal(np.stack([c.logits for c in result]), expected[index % len(batches)])
+        regions = triton.get_system_shared_memory_status().regions
+        assert 1 <= len(regions) <= 4
+        assert client_objects() == {name.lstrip("/") for name in (r.key for r in regions.values())}
+    with tc.InferenceServerClient(url) as triton:
+        assert not triton.get_system_shared_memory_status().regions
+    assert not client_objects()
+
+
+def test_the_async_sdk_passes_batches_through_shared_memory(shm_server: ServerHandle, real_images: np.ndarray) -> None:
+    url = f"127.0.0.1:{shm_server.grpc_port}"
+    images = real_images[:8]
+    with Client(url) as plain:
+        expected = np.stack([c.logits for c in plain.classify(images, model=MODEL)])
+
+    async def classify() -> np.ndarray:
+        async with AsyncClient(url, shared_memory=True) as client:
+            first = await client.classify(images, model=MODEL)
+            second = await client.classify(images, model=MODEL)  # the same slot, registered once
+            assert len(client_objects()) == 1
+        return np.stack([np.stack([c.logits for c in r]) for r in (first, second)])
+
+    np.testing.assert_array_equal(asyncio.run(classify()), np.stack([expected, expected]))
+    assert not client_objects()
+
+
+def test_the_sdk_says_when_the_server_has_no_shared_memory(url: str, real_images: np.ndarray) -> None:
+    with Client(url, shared_memory=True) as client:
+        with pytest.raises(TtaserveError) as excinfo:
+            client.classify(real_images[:2], model=MODEL)
+        assert excinfo.value.code == "UNIMPLEMENTED"
+        assert "--allow-shared-memory" in excinfo.value.message
+        assert not client_objects()  # the refused object is removed at once
