@@ -99,30 +99,16 @@ class Client(ClientBase):
     ) -> BatchResult:
         target = self._input(model, version)
         flags = session.next_flags(end) if session is not None else None
-        encoded = codec.encode_images(images, target)
-        slot, new = self._lend_slot(encoded)
-        if slot is not None and new:
-            try:
-                self._call(self._inference.SystemSharedMemoryRegister, self._register_request(slot))
-            except TtaserveError:
-                self._discard_slot(slot)
-                raise
+        prepared = self._prepare_infer(images, target, model, version, strategy, top_k, settings, flags)
+        metadata = session.metadata if session is not None else None
+        registered = prepared.register is None
         try:
-            request = codec.build_infer_request(
-                model,
-                target,
-                encoded,
-                version=version,
-                strategy=strategy,
-                top_k=top_k,
-                settings=settings,
-                sequence=flags,
-                shared_memory_region=slot.region if slot is not None else None,
-            )
-            metadata = session.metadata if session is not None else None
-            response = self._call(self._inference.ModelInfer, request, timeout_s, metadata)
+            if prepared.register is not None:
+                self._call(self._inference.SystemSharedMemoryRegister, prepared.register)
+                registered = True
+            response = self._call(self._inference.ModelInfer, prepared.request, timeout_s, metadata)
         finally:
-            self._return_slot(slot)
+            self._finish_infer(prepared, registered)
         result = codec.parse_infer_response(response, top_k)
         if session is not None and flags is not None:
             session.record(flags)

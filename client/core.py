@@ -7,6 +7,8 @@ worth caching per client: the server's only model (for ``model=None``) and each 
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
 from typing import ClassVar
@@ -17,10 +19,20 @@ from ttaserve.protocol import kserve_v2_pb2 as pb
 from ttaserve.protocol.adaptation_pb2_grpc import AdaptationStub
 from ttaserve.protocol.grpc_service_pb2_grpc import GRPCInferenceServiceStub
 
-from .codec import EncodedInput, InputTarget, call_metadata, channel_options, channel_target, read_certificates
+from . import codec
+from .codec import InputTarget, SequenceFlags, call_metadata, channel_options, channel_target, read_certificates
 from .shared_memory import SharedMemoryPool, SharedMemorySlot
 
 DEFAULT_URL = "localhost:8001"
+
+
+@dataclass(frozen=True)
+class PreparedInfer:
+    request: pb.ModelInferRequest
+    #: the shared-memory slot holding the batch (None: the batch is in the request)
+    slot: SharedMemorySlot | None
+    #: the slot is new: register it with this request before the call
+    register: pb.SystemSharedMemoryRegisterRequest | None
 
 
 class ClientCore:
@@ -92,29 +104,53 @@ class ClientBase:
     def caller(self) -> str | None:
         return self._core.caller
 
-    def _lend_slot(self, encoded: EncodedInput) -> tuple[SharedMemorySlot | None, bool]:
-        """With shared memory on: a slot holding the batch, and whether the server has yet to register it."""
-        if self._shared_memory is None:
-            return None, False
-        slot, new = self._shared_memory.acquire(len(encoded.raw))
-        slot.write(encoded.raw)
-        return slot, new
-
-    def _return_slot(self, slot: SharedMemorySlot | None) -> None:
-        if slot is not None and self._shared_memory is not None:
-            self._shared_memory.release(slot)
-
-    def _discard_slot(self, slot: SharedMemorySlot) -> None:
+    def _prepare_infer(
+        self,
+        images: codec.Images,
+        target: InputTarget,
+        model: str,
+        version: str,
+        strategy: str,
+        top_k: int,
+        settings: Mapping[str, bool | int | float | str] | None,
+        flags: SequenceFlags | None,
+    ) -> PreparedInfer:
+        """The ModelInfer request; with shared memory on, the batch is written into a lent slot first."""
+        encoded = codec.encode_images(images, target)
+        slot, new = None, False
         if self._shared_memory is not None:
-            self._shared_memory.discard(slot)
+            slot, new = self._shared_memory.acquire(len(encoded.raw))
+            slot.write(encoded.raw)
+        request = codec.build_infer_request(
+            model,
+            target,
+            encoded,
+            version=version,
+            strategy=strategy,
+            top_k=top_k,
+            settings=settings,
+            sequence=flags,
+            shared_memory_region=slot.region if slot is not None else None,
+        )
+        register = (
+            pb.SystemSharedMemoryRegisterRequest(name=slot.region, key=slot.key, byte_size=slot.byte_size)
+            if slot is not None and new
+            else None
+        )
+        return PreparedInfer(request, slot, register)
+
+    def _finish_infer(self, prepared: PreparedInfer, registered: bool) -> None:
+        """Give the slot back for the next request, or drop it when the server refused to register it."""
+        if prepared.slot is None or self._shared_memory is None:
+            return
+        if registered:
+            self._shared_memory.release(prepared.slot)
+        else:
+            self._shared_memory.discard(prepared.slot)
 
     def _close_slots(self) -> list[SharedMemorySlot]:
         """Remove this client's objects; the caller unregisters the returned slots from the server."""
         return self._shared_memory.close() if self._shared_memory is not None else []
-
-    @staticmethod
-    def _register_request(slot: SharedMemorySlot) -> pb.SystemSharedMemoryRegisterRequest:
-        return pb.SystemSharedMemoryRegisterRequest(name=slot.region, key=slot.key, byte_size=slot.byte_size)
 
     @staticmethod
     def _unregister_request(slot: SharedMemorySlot) -> pb.SystemSharedMemoryUnregisterRequest:

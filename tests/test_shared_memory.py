@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 import tritonclient.grpc as tc
 import tritonclient.utils.shared_memory as shm
-from support import start
+from support import native_frontend_or_skip, start
 from tritonclient.utils import InferenceServerException
 
 from ttaserve.client import AsyncClient, Client, TtaserveError
@@ -38,8 +38,6 @@ def shm_server(
     request: pytest.FixtureRequest, model_repo: Path, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[ServerHandle]:
     if request.param == "native":
-        from support import native_frontend_or_skip
-
         native_frontend_or_skip()
     handle = start(
         model_repo,
