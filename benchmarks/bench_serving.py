@@ -9,7 +9,7 @@ cost alone), so the ratio charges the server for all of its work.
 
     python benchmarks/bench_serving.py [--rounds 5] [--seconds 2] [--engine onnx|torch-cuda]
                                        [--batch-sizes 1 64] [--clients 1 4] [--frontends native python]
-                                       [--instances 1 2] [--transports message shm]
+                                       [--instances 1 2] [--transports message shm http]
 
 Each gRPC front end (``--frontends``: the native C++ one and grpcio's Python server) and each model ``instances``
 count (``--instances``: forwards that may run at once, each with cores / instances ONNX Runtime threads) gets a
@@ -18,6 +18,8 @@ same rounds.
 
 ``--transports shm`` also measures clients that pass the batch and the logits through system shared memory (Triton's
 shared-memory extension, for a client on the same host): the messages then carry only the tensors' descriptions.
+``--transports http`` measures ``tritonclient.http`` against the server's v2 REST port (binary tensor data both
+ways, the client's default).
 
 ``--engine torch-cuda`` serves the PyTorch model on the GPU and compares with the same network's in-process CUDA
 forward (synchronised), for machines whose ONNX Runtime has no CUDA provider.
@@ -44,6 +46,7 @@ import numpy as np
 import onnxruntime as ort
 import torch
 import tritonclient.grpc as tc
+import tritonclient.http as th
 import tritonclient.utils.shared_memory as shm
 import yaml
 
@@ -88,7 +91,7 @@ def make_repository(root: Path, onnx_bytes: bytes, state_dict: dict | None = Non
     (model_dir / "config.yaml").write_text(yaml.safe_dump(config))
 
 
-def start_server(repo: Path, port: int, device: str, frontend: str) -> subprocess.Popen:
+def start_server(repo: Path, port: int, http_port: int, device: str, frontend: str) -> subprocess.Popen:
     command = [
         sys.executable,
         "-m",
@@ -98,6 +101,8 @@ def start_server(repo: Path, port: int, device: str, frontend: str) -> subproces
         str(repo),
         "--grpc-port",
         str(port),
+        "--http-port",
+        str(http_port),
         "--host",
         "127.0.0.1",
         "--device",
@@ -182,19 +187,33 @@ def request_tensors(
             shm.destroy_shared_memory_region(handle)
 
 
-def run_served(url: str, batch: np.ndarray, clients: int, seconds: float, transport: str) -> Measurement:
+@contextmanager
+def connected(
+    urls: dict[str, str], batch: np.ndarray, transport: str
+) -> Iterator[tuple[Callable[..., object], list[object], list[object]]]:
+    """A client of the transport, with the request's input and output ready to send."""
+    if transport == "http":
+        with th.InferenceServerClient(urls["http"]) as client:
+            tensor = th.InferInput("input", list(batch.shape), "UINT8")
+            tensor.set_data_from_numpy(batch)
+            yield client.infer, [tensor], [th.InferRequestedOutput("logits")]
+        return
+    with tc.InferenceServerClient(urls["grpc"]) as client, request_tensors(client, batch, transport) as tensors:
+        yield client.infer, *tensors
+
+
+def run_served(urls: dict[str, str], batch: np.ndarray, clients: int, seconds: float, transport: str) -> Measurement:
     latencies: list[list[float]] = [[] for _ in range(clients)]
     barrier = threading.Barrier(clients + 1)
     stop_at = [0.0]
 
     def worker(index: int) -> None:
-        client = tc.InferenceServerClient(url)
-        with request_tensors(client, batch, transport) as (inputs, outputs):
-            client.infer("resnet20", inputs, outputs=outputs)  # warm the channel
+        with connected(urls, batch, transport) as (infer, inputs, outputs):
+            infer("resnet20", inputs, outputs=outputs)  # warm the connection
             barrier.wait()
             while time.perf_counter() < stop_at[0]:
                 t0 = time.perf_counter()
-                client.infer("resnet20", inputs, outputs=outputs)
+                infer("resnet20", inputs, outputs=outputs)
                 latencies[index].append((time.perf_counter() - t0) * 1000)
 
     threads = [threading.Thread(target=worker, args=(i,)) for i in range(clients)]
@@ -223,7 +242,7 @@ def main() -> None:
     parser.add_argument("--clients", type=int, nargs="+", default=[1, 4])
     parser.add_argument("--frontends", nargs="+", choices=("native", "python"), default=["native", "python"])
     parser.add_argument("--instances", type=int, nargs="+", default=[1])
-    parser.add_argument("--transports", nargs="+", choices=("message", "shm"), default=["message"])
+    parser.add_argument("--transports", nargs="+", choices=("message", "shm", "http"), default=["message"])
     args = parser.parse_args()
 
     model = build_architecture("cifar_resnet20")
@@ -255,18 +274,19 @@ def main() -> None:
         for instances in args.instances:
             repo = Path(tmp) / f"instances-{instances}"
             make_repository(repo, onnx_bytes, model.state_dict() if on_gpu else None, instances)
-        ports = {server: free_port() for server in servers}
+        ports = {server: (free_port(), free_port()) for server in servers}
         processes = [
-            start_server(Path(tmp) / f"instances-{instances}", port, "cuda" if on_gpu else "cpu", frontend)
-            for (frontend, instances), port in ports.items()
+            start_server(Path(tmp) / f"instances-{instances}", *server_ports, "cuda" if on_gpu else "cpu", frontend)
+            for (frontend, instances), server_ports in ports.items()
         ]
         try:
             for _ in range(args.rounds):
                 for scenario in scenarios:
                     frontend, instances, batch_size, clients, transport = scenario
                     reference = run_in_process(forward, batches[batch_size], args.seconds)
-                    url = f"127.0.0.1:{ports[(frontend, instances)]}"
-                    measured = run_served(url, batches[batch_size], clients, args.seconds, transport)
+                    grpc_port, http_port = ports[(frontend, instances)]
+                    urls = {"grpc": f"127.0.0.1:{grpc_port}", "http": f"127.0.0.1:{http_port}"}
+                    measured = run_served(urls, batches[batch_size], clients, args.seconds, transport)
                     baseline[batch_size].append(reference)
                     served[scenario].append(measured)
                     ratios[scenario].append(measured.images_per_s / reference.images_per_s)

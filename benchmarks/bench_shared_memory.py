@@ -63,7 +63,17 @@ def write_repository(root: Path, size: int) -> None:
 def start_server(repo: Path) -> tuple[subprocess.Popen, int]:
     """The server on a free port, read from its start-up log line."""
     command = [sys.executable, "-m", "ttaserve.client.cli", "serve", "--model-repository", str(repo)]
-    command += ["--grpc-port", "0", "--host", "127.0.0.1", "--no-metrics", "--device", "cpu", "--allow-shared-memory"]
+    command += [
+        "--grpc-port",
+        "0",
+        "--no-http",
+        "--host",
+        "127.0.0.1",
+        "--no-metrics",
+        "--device",
+        "cpu",
+        "--allow-shared-memory",
+    ]
     log = repo / "server.log"
     with log.open("w") as sink:
         process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=sink, cwd=repo)

@@ -53,11 +53,13 @@ def _build_parser() -> argparse.ArgumentParser:
     )
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    serve = commands.add_parser("serve", help="run the gRPC server (needs ttaserve[server])")
+    serve = commands.add_parser("serve", help="run the server: gRPC and REST (needs ttaserve[server])")
     serve.add_argument("--config", type=Path, default=None, help="YAML settings file")
     serve.add_argument("--model-repository", type=Path, default=None, help="default: the embedded model")
     serve.add_argument("--host", default=None, help="address to bind (default 0.0.0.0)")
     serve.add_argument("--grpc-port", type=int, default=None, help="default 8001; 0 picks a free port")
+    serve.add_argument("--http-port", type=int, default=None, help="v2 REST port (default 8000); 0 picks a free port")
+    serve.add_argument("--no-http", action="store_true", help="no REST endpoint (gRPC only)")
     serve.add_argument("--metrics-port", type=int, default=None, help="Prometheus port (default 8002)")
     serve.add_argument("--no-metrics", action="store_true", help="no Prometheus endpoint")
     serve.add_argument("--device", choices=("auto", "cpu", "cuda"), default=None)
@@ -117,6 +119,7 @@ def _serve(args: argparse.Namespace) -> int:
         model_repository=args.model_repository,
         grpc_host=args.host,
         grpc_port=args.grpc_port,
+        http_port=args.http_port,
         metrics_port=args.metrics_port,
         device=args.device,
         max_message_mb=args.max_message_mb,
@@ -126,6 +129,8 @@ def _serve(args: argparse.Namespace) -> int:
     )
     if args.no_metrics:
         settings = settings.model_copy(update={"metrics_port": None})
+    if args.no_http:
+        settings = settings.model_copy(update={"http_port": None})
     serve(settings)
     return 0
 

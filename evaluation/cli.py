@@ -157,7 +157,12 @@ def _backend(args: argparse.Namespace, repository: Path | None, model: str) -> I
         from ttaserve.server.settings import ServerSettings
 
         settings = ServerSettings(
-            grpc_host="127.0.0.1", grpc_port=0, metrics_port=None, model_repository=repository, log_level="WARNING"
+            grpc_host="127.0.0.1",
+            grpc_port=0,
+            http_port=None,
+            metrics_port=None,
+            model_repository=repository,
+            log_level="WARNING",
         )
         handle = start_server(settings)
         url = f"127.0.0.1:{handle.grpc_port}"

@@ -23,6 +23,7 @@ from ttaserve.protocol import adaptation_pb2_grpc, grpc_service_pb2_grpc
 from . import compute
 from .adaptation_service import AdaptationServicer
 from .engines.torch_engine import resolve_device
+from .http_server import HttpFrontend
 from .inference_service import InferenceServicer, InflightTracker, server_version
 from .metrics import Metrics
 from .native_frontend import NativeServer
@@ -64,11 +65,14 @@ class ServerHandle:
     server: grpc.Server | NativeServer
     grpc_port: int
     metrics_port: int | None
+    #: the REST front end's port; None when it is off
+    http_port: int | None
     repository: ModelRepository
     sessions: SessionTable
     metrics: Metrics
     health: health.HealthServicer
     inflight: InflightTracker
+    http: HttpFrontend | None
     #: the health service names that turn NOT_SERVING on drain
     readiness_services: tuple[str, ...] = ()
     _stopped: threading.Event = field(default_factory=threading.Event)
@@ -93,6 +97,8 @@ class ServerHandle:
         if self._stopped.is_set():
             return
         self._stopped.set()
+        if self.http is not None:
+            self.http.stop()
         self.server.stop(grace_s).wait()
         self.metrics.close()
         self.repository.close()
@@ -199,10 +205,10 @@ def _start_server(settings: ServerSettings) -> ServerHandle:
     metrics.watch_warmups(repository)
     metrics.watch_inflight(lambda: inflight.count)
 
-    grpc_service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(
-        InferenceServicer(repository, pipeline, inflight), server
-    )
-    adaptation_pb2_grpc.add_AdaptationServicer_to_server(AdaptationServicer(repository, sessions, metrics), server)
+    inference_servicer = InferenceServicer(repository, pipeline, inflight)
+    adaptation_servicer = AdaptationServicer(repository, sessions, metrics)
+    grpc_service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(inference_servicer, server)
+    adaptation_pb2_grpc.add_AdaptationServicer_to_server(adaptation_servicer, server)
     health_servicer = health.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     readiness_services = ("", INFERENCE_SERVICE, ADAPTATION_SERVICE, *sorted({m.name for m in repository.loaded()}))
@@ -214,6 +220,14 @@ def _start_server(settings: ServerSettings) -> ServerHandle:
         pool=reflection_pool(),
     )
     port = _bind_and_start(server, f"{settings.grpc_host}:{settings.grpc_port}")
+    http, http_port = None, None
+    if settings.http_port is not None:
+        http = HttpFrontend(inference_servicer, adaptation_servicer, settings.max_message_mb * 1024 * 1024)
+        try:
+            http_port = http.start(settings.grpc_host, settings.http_port)
+        except RuntimeError:
+            server.stop(0).wait()
+            raise
     metrics.server_info.info(
         {
             "version": server_version(),
@@ -231,19 +245,22 @@ def _start_server(settings: ServerSettings) -> ServerHandle:
         server=server,
         grpc_port=port,
         metrics_port=metrics_port,
+        http_port=http_port,
         repository=repository,
         sessions=sessions,
         metrics=metrics,
         health=health_servicer,
         inflight=inflight,
+        http=http,
         readiness_services=readiness_services,
     )
     _start_sweeper(handle)
     log.info(
-        "ttaserve listening on %s:%d (%s gRPC front end, metrics %s), models: %s",
+        "ttaserve listening on %s:%d (%s gRPC front end, REST %s, metrics %s), models: %s",
         settings.grpc_host,
         port,
         frontend,
+        http_port if http_port is not None else "off",
         metrics_port if metrics_port is not None else "off",
         ", ".join(f"{m.name}/{m.version}" for m in repository.loaded()) or "none",
     )

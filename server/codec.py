@@ -106,7 +106,33 @@ def decode_tensor(
     values = getattr(tensor.contents, _TYPED_CONTENTS[datatype])
     if len(values) != count:
         raise InvalidArgument(f"input '{name}': shape {list(shape)} needs {count} values, got {len(values)}")
-    return np.asarray(values, dtype=dtype).reshape(shape)
+    return values_to_array(values, datatype, name).reshape(shape)
+
+
+def values_to_array(values: Sequence[bool | int | float], datatype: str, name: str) -> np.ndarray:
+    """A flat list of numbers as a ``datatype`` array; a value the type cannot hold (300 as UINT8, 1.5 as an
+    integer, a string) is the client's error, not an overflow inside the server."""
+    dtype = NUMPY_DTYPES[datatype]
+    try:
+        array = np.asarray(values)
+    except ValueError:
+        raise InvalidArgument(f"input '{name}': data is not a flat list of numbers") from None
+    if array.size == 0:
+        return array.astype(dtype)
+    if array.ndim != 1 or array.dtype.kind not in "biuf":
+        raise InvalidArgument(f"input '{name}': {datatype} data must be a flat list of numbers")
+    if dtype.kind in "iu":
+        if array.dtype.kind == "f" and not np.array_equal(array, np.trunc(array)):
+            raise InvalidArgument(f"input '{name}': {datatype} data holds non-integer values")
+        info = np.iinfo(dtype)
+        if array.min() < info.min or array.max() > info.max:
+            raise InvalidArgument(
+                f"input '{name}': {datatype} data holds values outside [{info.min}, {info.max}] "
+                f"(min {array.min()}, max {array.max()})"
+            )
+    elif dtype.kind == "b" and array.dtype.kind != "b":
+        raise InvalidArgument(f"input '{name}': BOOL data must be true/false")
+    return array.astype(dtype)
 
 
 def datatype_of(array: np.ndarray) -> str:

@@ -21,10 +21,12 @@ class ServerSettings(BaseSettings):
     grpc_host: str = "0.0.0.0"
     #: 0 picks a free port (tests)
     grpc_port: int = Field(default=8001, ge=0, le=65535)
+    #: the v2 REST protocol over HTTP (tritonclient.http, curl) on grpc_host; None turns it off, 0 picks a free port
+    http_port: int | None = Field(default=8000, ge=0, le=65535)
     #: Prometheus metrics over HTTP; None turns the endpoint off, 0 picks a free port
     metrics_port: int | None = Field(default=8002, ge=0, le=65535)
     device: Literal["auto", "cpu", "cuda"] = "auto"
-    #: gRPC receive/send limit; a batch of 64 RGB 224x224 float32 images is 38.5 MB
+    #: largest gRPC message and HTTP body, each way; a batch of 64 RGB 224x224 float32 images is 38.5 MB
     max_message_mb: int = Field(default=256, gt=0, le=2047)
     #: threads that run RPCs (the native front end keeps two of them polling for calls, the rest wait until a
     #: handler blocks)

@@ -89,7 +89,7 @@ CIFAR_PREPROCESSING = {"mean": list(CIFAR_MEAN), "std": list(CIFAR_STD)}
 
 
 def start(repo: Path | None, **settings: object) -> ServerHandle:
-    base = {"grpc_host": "127.0.0.1", "grpc_port": 0, "metrics_port": 0, "model_repository": repo}
+    base = {"grpc_host": "127.0.0.1", "grpc_port": 0, "http_port": 0, "metrics_port": 0, "model_repository": repo}
     return start_server(ServerSettings(**{**base, **settings}))
 
 

@@ -84,6 +84,14 @@ def test_byte_count_mismatch(stub) -> None:
     expect(stub, request(uint8_images(2)[:-7], [2, 32, 32, 3]), INVALID, "needs 6144 bytes", "got 6137")
 
 
+def test_typed_contents_out_of_the_datatypes_range(stub) -> None:
+    """Values in ``contents`` (not raw bytes) that a UINT8 cannot hold are the client's error, not an overflow."""
+    message = pb.ModelInferRequest(model_name="resnet")
+    tensor = message.inputs.add(name="input", datatype="UINT8", shape=[1, 32, 32, 3])
+    tensor.contents.uint_contents.extend([7] * 3071 + [300])
+    expect(stub, message, INVALID, "UINT8", "outside [0, 255]", "max 300")
+
+
 @pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
 def test_non_finite_values(stub, bad: float) -> None:
     images = np.full((1, 32, 32, 3), 0.5, np.float32)

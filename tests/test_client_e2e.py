@@ -43,6 +43,7 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerHandle]:
             model_repository=repo,
             grpc_host="127.0.0.1",
             grpc_port=0,
+            http_port=None,
             metrics_port=None,
             snapshot_dir=tmp_path_factory.mktemp("client_snapshots"),
             log_level="WARNING",

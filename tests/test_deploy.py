@@ -131,7 +131,8 @@ def test_settings_are_valid_server_settings(tmp_path: Path, values: dict[str, An
     documents = render(tmp_path, values)
     config = by_kind(documents, "ConfigMap", "ttaserve")["data"]
     settings = ServerSettings(**yaml.safe_load(config["settings.yaml"]))
-    assert (settings.grpc_port, settings.metrics_port, settings.grpc_host) == (8001, 8002, "0.0.0.0")
+    assert (settings.http_port, settings.grpc_port, settings.metrics_port) == (8000, 8001, 8002)
+    assert settings.grpc_host == "0.0.0.0"
     assert str(settings.snapshot_dir) == "/var/lib/ttaserve/snapshots"
     assert (settings.model_repository is None) == (values is None)
     for key in (k for k in config if k.startswith("model.")):
@@ -160,9 +161,9 @@ def test_deployment_probes_ports_grace_and_volumes(tmp_path: Path, values: dict[
     assert container["readinessProbe"]["grpc"] == {"port": 8001}  # the overall service: NOT_SERVING on drain
     assert container["livenessProbe"]["grpc"] == {"port": 8001, "service": "liveness"}
     assert container["startupProbe"]["grpc"] == {"port": 8001, "service": "liveness"}
-    assert {p["name"]: p["containerPort"] for p in container["ports"]} == {"grpc": 8001, "metrics": 8002}
+    assert {p["name"]: p["containerPort"] for p in container["ports"]} == {"http": 8000, "grpc": 8001, "metrics": 8002}
     service = by_kind(documents, "Service")
-    assert {p["name"]: p["port"] for p in service["spec"]["ports"]} == {"grpc": 8001, "metrics": 8002}
+    assert {p["name"]: p["port"] for p in service["spec"]["ports"]} == {"http": 8000, "grpc": 8001, "metrics": 8002}
     mounts = {m["name"]: m["mountPath"] for m in container["volumeMounts"]}
     assert mounts["snapshots"] == "/var/lib/ttaserve/snapshots" and mounts["config"] == "/etc/ttaserve"
     assert container["args"] == ["serve", "--config", "/etc/ttaserve/settings.yaml"]
@@ -322,7 +323,7 @@ def test_the_image_is_what_the_manifests_run() -> None:
     exposed = {int(port) for port in runtime["EXPOSE"].split()}
     assert {p["containerPort"] for p in container["ports"]} == exposed
     args = _build_parser().parse_args(cmd)
-    assert {args.grpc_port, args.metrics_port} == exposed
+    assert {args.http_port, args.grpc_port, args.metrics_port} == exposed
     assert "HOME=/tmp" in runtime["ENV"].split()
     assert {"name": "HOME", "value": "/tmp"} in container["env"] and {"name": "HOME", "value": "/tmp"} in kserve["env"]
     copied = {arguments.split()[0] for instruction, arguments in build if instruction == "COPY"}

@@ -56,3 +56,19 @@ def test_serve_flags_reach_the_settings(
     assert cli.main(["serve", "--config", str(config), "--snapshot-dir", str(tmp_path), *flags]) == 0
     (settings,) = served
     assert (settings.allow_shared_memory, settings.grpc_port, settings.snapshot_dir) == (expected, 9300, tmp_path)
+
+
+@pytest.mark.parametrize(
+    ("flags", "expected"),
+    [([], 8000), (["--http-port", "9400"], 9400), (["--no-http"], None), (["--http-port", "0"], 0)],
+)
+def test_the_rest_port_flags(flags: list[str], expected: int | None, monkeypatch: pytest.MonkeyPatch) -> None:
+    """REST is on by default at Triton's port 8000, beside gRPC's 8001; ``--no-http`` turns it off."""
+    from ttaserve.client import cli
+    from ttaserve.server import app
+
+    served: list[ServerSettings] = []
+    monkeypatch.setattr(app, "serve", served.append)
+    assert cli.main(["serve", *flags]) == 0
+    (settings,) = served
+    assert settings.http_port == expected and settings.grpc_port == 8001

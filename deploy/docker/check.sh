@@ -18,15 +18,18 @@ container="ttaserve-check-$$"
 "$engine" "${engine_flags[@]}" build -f deploy/docker/Dockerfile -t "$image" "$@" .
 
 grpc_port=$(.venv/bin/python -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
+http_port=$(.venv/bin/python -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
 metrics_port=$(.venv/bin/python -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
 cleanup() { "$engine" "${engine_flags[@]}" rm -f "$container" >/dev/null 2>&1 || true; }
 trap cleanup EXIT
 "$engine" "${engine_flags[@]}" run -d --name "$container" --network host \
   --user 10001:10001 --read-only --tmpfs /tmp --cap-drop ALL --security-opt no-new-privileges \
-  "$image" serve --host 127.0.0.1 --grpc-port "$grpc_port" --metrics-port "$metrics_port" >/dev/null
+  "$image" serve --host 127.0.0.1 --grpc-port "$grpc_port" --http-port "$http_port" \
+  --metrics-port "$metrics_port" >/dev/null
 
 status=0
-.venv/bin/python deploy/docker/smoke.py "127.0.0.1:$grpc_port" "http://127.0.0.1:$metrics_port/metrics" || status=$?
+.venv/bin/python deploy/docker/smoke.py "127.0.0.1:$grpc_port" "http://127.0.0.1:$metrics_port/metrics" \
+  "http://127.0.0.1:$http_port" || status=$?
 echo "--- server log"
 "$engine" "${engine_flags[@]}" logs "$container" 2>&1 | tail -20
 "$engine" "${engine_flags[@]}" image ls "$image"

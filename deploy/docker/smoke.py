@@ -1,12 +1,14 @@
 """What deploy/docker/check.sh asks of a running image: real Fashion-MNIST test images classified by the embedded
-default model, an UnMix-TNS session that steps, a bad request refused with its status, and the server running its
-prebuilt native gRPC front end and C kernels (its ``ttaserve_server_info`` metric).
+default model, an UnMix-TNS session that steps, a bad request refused with its status, the same predictions over
+the REST protocol, and the server running its prebuilt native gRPC front end and C kernels (its
+``ttaserve_server_info`` metric).
 
-    python deploy/docker/smoke.py HOST:GRPC_PORT http://HOST:METRICS_PORT/metrics
+    python deploy/docker/smoke.py HOST:GRPC_PORT http://HOST:METRICS_PORT/metrics http://HOST:HTTP_PORT
 """
 
 from __future__ import annotations
 
+import json
 import sys
 import time
 import urllib.request
@@ -35,7 +37,21 @@ def wait_ready(client: Client, seconds: float = 120.0) -> None:
         time.sleep(0.5)
 
 
-def main(url: str, metrics_url: str) -> None:
+def rest_predictions(http_url: str, images: np.ndarray) -> np.ndarray:
+    """The top class of each image, asked over the v2 REST protocol with the pixels in JSON (curl's way)."""
+    body = {
+        "inputs": [
+            {"name": "input", "datatype": "UINT8", "shape": list(images.shape), "data": images.ravel().tolist()}
+        ],
+        "outputs": [{"name": "topk_indices"}],
+        "parameters": {"top_k": 1},
+    }
+    request = urllib.request.Request(f"{http_url}/v2/models/fashion_mnist/infer", data=json.dumps(body).encode())
+    answer = json.loads(urllib.request.urlopen(request, timeout=30).read())
+    return np.array(answer["outputs"][0]["data"])
+
+
+def main(url: str, metrics_url: str, http_url: str) -> None:
     images, labels = load_split("test")
     images, labels = images[:IMAGES, :, :, None], labels[:IMAGES]
     with Client(url) as client:
@@ -45,6 +61,9 @@ def main(url: str, metrics_url: str) -> None:
         accuracy = float((predicted == labels).mean())
         print(f"source model: {accuracy:.2%} of {IMAGES} Fashion-MNIST test images")
         assert accuracy >= MIN_ACCURACY, f"accuracy {accuracy:.2%} < {MIN_ACCURACY:.0%}"
+        over_rest = rest_predictions(http_url, images[:100])
+        assert (over_rest == predicted[:100]).all(), "REST and gRPC disagree"
+        print("REST: the same 100 predictions as gRPC")
         with client.session("camera-1", strategy="unmix_tns") as stream:
             for i in range(0, 64, 16):
                 result = stream.classify(images[i : i + 16])
@@ -63,4 +82,4 @@ def main(url: str, metrics_url: str) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], sys.argv[2])
+    main(sys.argv[1], sys.argv[2], sys.argv[3])

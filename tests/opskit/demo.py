@@ -162,6 +162,7 @@ def run(seconds: float, out: Path) -> None:
             model_repository=repository(Path(tmp) / "repo"),
             grpc_host="127.0.0.1",
             grpc_port=0,
+            http_port=None,
             metrics_port=0,
             snapshot_dir=Path(tmp) / "snapshots",
             max_sessions=10,

@@ -153,6 +153,7 @@ def start_ttaserve(workdir: Path, repo: Path, snapshot_dir: Path, name: str = "t
         str(repo),
         "--grpc-port",
         str(grpc_port),
+        "--no-http",
         "--metrics-port",
         str(metrics_port),
         "--host",

@@ -37,6 +37,7 @@ helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" }}
 {{- $settings := deepCopy .Values.settings -}}
 {{- $_ := set $settings "grpc_host" "0.0.0.0" -}}
 {{- $_ := set $settings "grpc_port" (int .Values.service.grpcPort) -}}
+{{- $_ := set $settings "http_port" (int .Values.service.httpPort) -}}
 {{- $_ := set $settings "metrics_port" (int .Values.service.metricsPort) -}}
 {{- $_ := set $settings "snapshot_dir" (include "ttaserve.snapshotPath" .) -}}
 {{- if include "ttaserve.hasRepository" . -}}

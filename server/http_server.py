@@ -1,0 +1,470 @@
+"""The KServe v2 REST protocol over HTTP/1.1, beside gRPC: what ``tritonclient.http``, KServe's REST tooling and
+``curl`` speak.
+
+Each route turns its URL and JSON body into the gRPC request message and calls the same servicer method the gRPC
+front ends call, so both protocols share one implementation of every RPC, its checks and its metrics; this module
+only translates. A servicer's ``context.abort`` becomes an HTTP status and a JSON ``{"error": message}`` body.
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+import logging
+import re
+import socket
+import threading
+import zlib
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from http import HTTPStatus
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any, NoReturn
+from urllib.parse import unquote, urlsplit
+
+import grpc
+from google.protobuf import json_format, message_factory
+from google.protobuf.message import Message
+
+from ttaserve.protocol import adaptation_pb2 as apb
+from ttaserve.protocol import kserve_v2_pb2 as pb
+
+from . import compute
+from .adaptation_service import AdaptationServicer
+from .errors import InvalidArgument, ServingError
+from .inference_service import CALLER_METADATA, InferenceServicer, server_version
+from .rest_codec import encode_infer_response, load_json_object, message_to_json, parse_infer_body
+
+log = logging.getLogger(__name__)
+
+JSON_CONTENT = "application/json"
+BINARY_CONTENT = "application/octet-stream"
+HEADER_LENGTH = "Inference-Header-Content-Length"
+#: an idle keep-alive connection is closed after this long (each one holds a thread)
+IDLE_TIMEOUT_S = 60.0
+ADAPTATION_SERVICE = apb.DESCRIPTOR.services_by_name["Adaptation"]
+
+HTTP_STATUS = {
+    grpc.StatusCode.INVALID_ARGUMENT: 400,
+    grpc.StatusCode.FAILED_PRECONDITION: 400,
+    grpc.StatusCode.NOT_FOUND: 404,
+    grpc.StatusCode.ALREADY_EXISTS: 409,
+    grpc.StatusCode.RESOURCE_EXHAUSTED: 413,
+    grpc.StatusCode.UNIMPLEMENTED: 501,
+    grpc.StatusCode.UNAVAILABLE: 503,
+    grpc.StatusCode.DEADLINE_EXCEEDED: 504,
+}
+
+
+class HttpError(Exception):
+    def __init__(self, status: int, message: str, headers: Sequence[tuple[str, str]] = ()) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.headers = tuple(headers)
+
+
+class HttpContext:
+    """What the servicers use of ``grpc.ServicerContext``: the caller's identity (the ``ttaserve-caller`` header
+    plays gRPC's metadata) and ``abort``. HTTP requests carry no deadline."""
+
+    def __init__(self, caller: str | None) -> None:
+        self._metadata = ((CALLER_METADATA, caller),) if caller else ()
+
+    def invocation_metadata(self) -> tuple[tuple[str, str], ...]:
+        return self._metadata
+
+    def time_remaining(self) -> float | None:
+        return None
+
+    def abort(self, code: grpc.StatusCode, details: str) -> NoReturn:
+        raise HttpError(HTTP_STATUS.get(code, 500), details)
+
+
+@dataclass
+class Reply:
+    status: int = 200
+    body: bytes = b""
+    content_type: str = JSON_CONTENT
+    headers: list[tuple[str, str]] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class Call:
+    """One HTTP request as a route sees it."""
+
+    params: dict[str, str]
+    body: bytes
+    headers: Any
+    context: HttpContext
+
+    def model(self) -> tuple[str, str]:
+        return self.params["model"], self.params.get("version") or ""
+
+    def json(self, what: str) -> dict[str, Any]:
+        return load_json_object(self.body, what)
+
+
+Handler = Callable[[Call], Reply]
+
+
+def json_reply(value: Any, status: int = 200) -> Reply:
+    return Reply(status, json.dumps(value, separators=(",", ":")).encode())
+
+
+class RestApi:
+    """The routes, each a regular expression over the path (percent-decoded per segment) and a method."""
+
+    _MODEL = r"/v2/models/(?P<model>[^/]+)(?:/versions/(?P<version>[^/]+))?"
+    _REGION = r"(?:/region/(?P<region>[^/]+))?"
+
+    def __init__(self, inference: InferenceServicer, adaptation: AdaptationServicer) -> None:
+        self.inference = inference
+        self.adaptation = adaptation
+        self.routes: list[tuple[str, re.Pattern[str], Handler]] = []
+        add = self._add
+        add("GET", r"/v2/health/live", self.server_live)
+        add("GET", r"/v2/health/ready", self.server_ready)
+        add("GET", r"/v2", self.server_metadata)
+        add("GET", r"/v2/models/stats", self.model_statistics)
+        add("GET", self._MODEL + r"/stats", self.model_statistics)
+        add("GET", self._MODEL + r"/ready", self.model_ready)
+        add("GET", self._MODEL + r"/config", self.model_config)
+        add("POST", self._MODEL + r"/infer", self.model_infer)
+        add("GET", self._MODEL, self.model_metadata)
+        add("POST", r"/v2/repository/index", self.repository_index)
+        add("POST", r"/v2/repository/models/(?P<model>[^/]+)/load", self.repository_load)
+        add("POST", r"/v2/repository/models/(?P<model>[^/]+)/unload", self.repository_unload)
+        add("GET", r"/v2/systemsharedmemory" + self._REGION + "/status", self.shared_memory_status)
+        add("POST", r"/v2/systemsharedmemory/region/(?P<region>[^/]+)/register", self.shared_memory_register)
+        add("POST", r"/v2/systemsharedmemory" + self._REGION + "/unregister", self.shared_memory_unregister)
+        add("GET", r"/v2/cudasharedmemory" + self._REGION + "/status", self.cuda_shared_memory)
+        add("POST", r"/v2/cudasharedmemory/region/(?P<region>[^/]+)/register", self.cuda_shared_memory)
+        add("POST", r"/v2/cudasharedmemory" + self._REGION + "/unregister", self.cuda_shared_memory)
+        for method in ("GET", "POST"):
+            add(method, r"/ttaserve\.v1\.Adaptation/(?P<rpc>[A-Za-z]+)", self.adaptation_rpc)
+
+    def _add(self, method: str, pattern: str, handler: Handler) -> None:
+        self.routes.append((method, re.compile(pattern + r"/?"), handler))
+
+    def find(self, method: str, path: str) -> tuple[Handler, dict[str, str]]:
+        allowed = []
+        for route_method, pattern, handler in self.routes:
+            match = pattern.fullmatch(path)
+            if match is None:
+                continue
+            if route_method == method:
+                return handler, {k: unquote(v) for k, v in match.groupdict().items() if v is not None}
+            allowed.append(route_method)
+        if allowed:
+            raise HttpError(405, f"{method} {path}: use {' or '.join(allowed)}", [("Allow", ", ".join(allowed))])
+        raise HttpError(404, f"no such endpoint: {method} {path} (the v2 REST API is under /v2)")
+
+    # --- health and metadata -------------------------------------------------------------------------------------
+
+    def server_live(self, call: Call) -> Reply:
+        live = self.inference.ServerLive(pb.ServerLiveRequest(), call.context).live
+        return Reply(200 if live else 503)
+
+    def server_ready(self, call: Call) -> Reply:
+        ready = self.inference.ServerReady(pb.ServerReadyRequest(), call.context).ready
+        return Reply(200 if ready else 503)
+
+    def model_ready(self, call: Call) -> Reply:
+        name, version = call.model()
+        ready = self.inference.ModelReady(pb.ModelReadyRequest(name=name, version=version), call.context).ready
+        return Reply(200 if ready else 503)
+
+    def server_metadata(self, call: Call) -> Reply:
+        return json_reply(message_to_json(self.inference.ServerMetadata(pb.ServerMetadataRequest(), call.context)))
+
+    def model_metadata(self, call: Call) -> Reply:
+        name, version = call.model()
+        request = pb.ModelMetadataRequest(name=name, version=version)
+        return json_reply(message_to_json(self.inference.ModelMetadata(request, call.context)))
+
+    def model_config(self, call: Call) -> Reply:
+        name, version = call.model()
+        response = self.inference.ModelConfig(pb.ModelConfigRequest(name=name, version=version), call.context)
+        return json_reply(message_to_json(response.config))
+
+    def model_statistics(self, call: Call) -> Reply:
+        request = pb.ModelStatisticsRequest(name=call.params.get("model", ""), version=call.params.get("version", ""))
+        response = self.inference.ModelStatistics(request, call.context)
+        return json_reply({"model_stats": [message_to_json(stats) for stats in response.model_stats]})
+
+    # --- inference --------------------------------------------------------------------------------------------
+
+    def model_infer(self, call: Call) -> Reply:
+        name, version = call.model()
+        try:
+            parsed = parse_infer_body(name, version, call.body, _header_length(call.headers))
+        except ServingError as exc:
+            self.inference.pipeline.record_rejected(pb.ModelInferRequest(model_name=name, model_version=version), exc)
+            raise
+        encoded = encode_infer_response(self.inference.ModelInfer(parsed.request, call.context), parsed)
+        if encoded.json_length is None:
+            return Reply(body=encoded.body)
+        return Reply(
+            body=encoded.body, content_type=BINARY_CONTENT, headers=[(HEADER_LENGTH, str(encoded.json_length))]
+        )
+
+    # --- repository -------------------------------------------------------------------------------------------
+
+    def repository_index(self, call: Call) -> Reply:
+        ready = call.json("repository index request").get("ready", False)
+        if not isinstance(ready, bool):
+            raise InvalidArgument(f"'ready' must be true or false, got {ready!r}")
+        response = self.inference.RepositoryIndex(pb.RepositoryIndexRequest(ready=ready), call.context)
+        return json_reply([message_to_json(model) for model in response.models])
+
+    def repository_load(self, call: Call) -> Reply:
+        parameters = call.json("load request").get("parameters") or {}
+        if parameters:
+            raise InvalidArgument(
+                f"load parameters are not supported ({', '.join(sorted(parameters))}): a model loads from its "
+                "folder in the repository"
+            )
+        self.inference.RepositoryModelLoad(pb.RepositoryModelLoadRequest(model_name=call.params["model"]), call.context)
+        return Reply()
+
+    def repository_unload(self, call: Call) -> Reply:
+        call.json("unload request")  # a malformed body is refused; 'unload_dependents' has nothing to act on here
+        request = pb.RepositoryModelUnloadRequest(model_name=call.params["model"])
+        self.inference.RepositoryModelUnload(request, call.context)
+        return Reply()
+
+    # --- shared memory ----------------------------------------------------------------------------------------
+
+    def shared_memory_status(self, call: Call) -> Reply:
+        request = pb.SystemSharedMemoryStatusRequest(name=call.params.get("region", ""))
+        response = self.inference.SystemSharedMemoryStatus(request, call.context)
+        return json_reply([message_to_json(region) for region in response.regions.values()])
+
+    def shared_memory_register(self, call: Call) -> Reply:
+        body = call.json("register request")
+        fields = {}
+        for key, required in (("key", True), ("offset", False), ("byte_size", True)):
+            value = body.get(key, None if required else 0)
+            wanted = str if key == "key" else int
+            if value is None or not isinstance(value, wanted) or isinstance(value, bool):
+                raise InvalidArgument(
+                    f"register request: '{key}' must be {'a string' if wanted is str else 'an integer'}"
+                )
+            fields[key] = value
+        if fields["offset"] < 0:
+            raise InvalidArgument(f"register request: 'offset' must not be negative, got {fields['offset']}")
+        request = pb.SystemSharedMemoryRegisterRequest(name=call.params["region"], **fields)
+        self.inference.SystemSharedMemoryRegister(request, call.context)
+        return Reply()
+
+    def shared_memory_unregister(self, call: Call) -> Reply:
+        request = pb.SystemSharedMemoryUnregisterRequest(name=call.params.get("region", ""))
+        self.inference.SystemSharedMemoryUnregister(request, call.context)
+        return Reply()
+
+    def cuda_shared_memory(self, call: Call) -> Reply:
+        self.inference.CudaSharedMemoryStatus(pb.CudaSharedMemoryStatusRequest(), call.context)
+        raise AssertionError("unreachable: CUDA shared memory always refuses")
+
+    # --- ttaserve.v1.Adaptation, transcoded ---------------------------------------------------------------------
+
+    def adaptation_rpc(self, call: Call) -> Reply:
+        """Any Adaptation RPC, its request and response in protobuf's JSON mapping (``{}`` or no body: defaults)."""
+        method = ADAPTATION_SERVICE.methods_by_name.get(call.params["rpc"])
+        if method is None:
+            names = ", ".join(sorted(ADAPTATION_SERVICE.methods_by_name))
+            raise HttpError(404, f"ttaserve.v1.Adaptation has no RPC '{call.params['rpc']}'; RPCs: {names}")
+        request: Message = message_factory.GetMessageClass(method.input_type)()
+        try:
+            json_format.Parse(call.body or b"{}", request)
+        except json_format.ParseError as exc:
+            raise InvalidArgument(f"{method.name} request: {exc}") from None
+        response = getattr(self.adaptation, method.name)(request, call.context)
+        return json_reply(message_to_json(response))
+
+
+def _header_length(headers: Any) -> int | None:
+    value = headers.get(HEADER_LENGTH)
+    if value is None:
+        return None
+    try:
+        return int(value)
+    except ValueError:
+        raise InvalidArgument(f"header {HEADER_LENGTH}: {value!r} is not a byte count") from None
+
+
+def _decompress(body: bytes, encoding: str, limit: int) -> bytes:
+    """A compressed request body, inflated to at most ``limit`` bytes (a small body must not inflate to gigabytes)."""
+    if encoding == "gzip":
+        inflater = zlib.decompressobj(16 + zlib.MAX_WBITS)
+    elif encoding == "deflate":
+        inflater = zlib.decompressobj()
+    else:
+        raise HttpError(415, f"Content-Encoding {encoding!r} is not supported; use gzip or deflate")
+    try:
+        data = inflater.decompress(body, limit + 1)
+    except zlib.error as exc:
+        raise HttpError(400, f"the body is not valid {encoding} data: {exc}") from None
+    if len(data) > limit:
+        raise HttpError(413, f"the {encoding} body inflates to more than the {limit}-byte limit")
+    return data
+
+
+def _response_encoding(accept: str | None) -> str | None:
+    """gzip or deflate when the client accepts it (``Accept-Encoding``, q-values honoured), else None."""
+    if not accept:
+        return None
+    accepted = {}
+    for item in accept.split(","):
+        token, _, params = item.strip().partition(";")
+        quality = 1.0
+        if params.strip().startswith("q="):
+            try:
+                quality = float(params.strip()[2:])
+            except ValueError:
+                quality = 0.0
+        accepted[token.strip().lower()] = quality
+    for encoding in ("gzip", "deflate"):
+        if accepted.get(encoding, 0.0) > 0:
+            return encoding
+    return None
+
+
+def _compress(body: bytes, encoding: str) -> bytes:
+    return gzip.compress(body, compresslevel=1) if encoding == "gzip" else zlib.compress(body, 1)
+
+
+class _RequestHandler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    server_version = f"ttaserve/{server_version()}"
+    sys_version = ""
+    #: a response leaves in two writes (head, body); with Nagle's algorithm the second waits for the client's
+    #: delayed ACK, 40 ms on Linux, on every request
+    disable_nagle_algorithm = True
+    timeout = IDLE_TIMEOUT_S
+    api: RestApi
+    max_body_bytes: int
+
+    def setup(self) -> None:
+        super().setup()
+        compute.single_threaded()
+
+    def do_GET(self) -> None:
+        self._handle("GET")
+
+    def do_POST(self) -> None:
+        self._handle("POST")
+
+    def do_PUT(self) -> None:
+        self._handle("PUT")
+
+    def do_DELETE(self) -> None:
+        self._handle("DELETE")
+
+    def do_PATCH(self) -> None:
+        self._handle("PATCH")
+
+    def send_error(self, code: int, message: str | None = None, explain: str | None = None) -> None:
+        """What the base class refuses itself (a malformed request line, oversized headers, an unknown method) gets
+        the same JSON error body as everything else."""
+        self.close_connection = True
+        self._send(json_reply({"error": message or explain or HTTPStatus(code).phrase}, code))
+
+    def log_message(self, format: str, *args: Any) -> None:
+        log.debug("%s %s", self.address_string(), format % args)
+
+    def _handle(self, method: str) -> None:
+        try:
+            path = urlsplit(self.path).path
+            handler, params = self.api.find(method, path)
+            body = self._read_body()
+            reply = handler(Call(params, body, self.headers, HttpContext(self.headers.get(CALLER_METADATA))))
+        except HttpError as exc:
+            reply = json_reply({"error": exc.message}, exc.status)
+            reply.headers.extend(exc.headers)
+        except ServingError as exc:
+            reply = json_reply({"error": exc.message}, HTTP_STATUS.get(exc.code, 500))
+        except Exception as exc:
+            log.exception("internal error in %s %s", method, self.path)
+            reply = json_reply({"error": f"internal error: {type(exc).__name__}: {exc}"}, 500)
+        self._send(reply)
+
+    def _read_body(self) -> bytes:
+        if self.headers.get("Transfer-Encoding"):
+            self.close_connection = True
+            raise HttpError(411, "chunked request bodies are not supported; send Content-Length")
+        try:
+            length = int(self.headers.get("Content-Length") or 0)
+        except ValueError:
+            self.close_connection = True
+            raise HttpError(400, f"Content-Length {self.headers.get('Content-Length')!r} is not a number") from None
+        if length > self.max_body_bytes:
+            self.close_connection = True
+            raise HttpError(
+                413, f"the request body is {length} bytes, above the server's {self.max_body_bytes}-byte limit"
+            )
+        body = self.rfile.read(length) if length else b""
+        if len(body) < length:
+            self.close_connection = True
+            raise HttpError(400, f"the body ended after {len(body)} of {length} bytes")
+        encoding = self.headers.get("Content-Encoding")
+        if encoding and encoding.lower() != "identity":
+            body = _decompress(body, encoding.lower(), self.max_body_bytes)
+        return body
+
+    def _send(self, reply: Reply) -> None:
+        body = reply.body
+        headers = getattr(self, "headers", None)  # absent when the request line itself was malformed
+        encoding = _response_encoding(headers.get("Accept-Encoding")) if body and headers is not None else None
+        if encoding:
+            body = _compress(body, encoding)
+        self.send_response(reply.status)
+        if reply.body:
+            self.send_header("Content-Type", reply.content_type)
+        if encoding:
+            self.send_header("Content-Encoding", encoding)
+        for name, value in reply.headers:
+            self.send_header(name, value)
+        self.send_header("Content-Length", str(len(body)))
+        if self.close_connection:
+            self.send_header("Connection", "close")
+        self.end_headers()
+        if self.command != "HEAD":
+            self.wfile.write(body)
+
+
+class _Server(ThreadingHTTPServer):
+    daemon_threads = True
+    request_queue_size = 128
+
+    def __init__(self, address: tuple[str, int], handler: type[BaseHTTPRequestHandler]) -> None:
+        self.address_family = socket.AF_INET6 if ":" in address[0] else socket.AF_INET
+        super().__init__(address, handler)
+
+
+class HttpFrontend:
+    """The REST server: one thread accepting, one thread per open connection."""
+
+    def __init__(self, inference: InferenceServicer, adaptation: AdaptationServicer, max_body_bytes: int) -> None:
+        self._handler = type(
+            "RequestHandler",
+            (_RequestHandler,),
+            {"api": RestApi(inference, adaptation), "max_body_bytes": max_body_bytes},
+        )
+        self._server: _Server | None = None
+
+    def start(self, host: str, port: int) -> int:
+        """Bind and serve in the background; returns the bound port (``port`` 0 picks one)."""
+        try:
+            self._server = _Server((host.strip("[]"), port), self._handler)
+        except OSError as exc:
+            raise RuntimeError(f"cannot bind HTTP port {host}:{port}: {exc}") from exc
+        threading.Thread(target=self._server.serve_forever, name="ttaserve-http", daemon=True).start()
+        return self._server.server_address[1]
+
+    def stop(self) -> None:
+        if self._server is not None:
+            self._server.shutdown()
+            self._server.server_close()
+            self._server = None
