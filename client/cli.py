@@ -43,7 +43,12 @@ def _add_connection(parser: argparse.ArgumentParser) -> None:
 
 def _client(args: argparse.Namespace) -> Client:
     return Client(
-        args.url, timeout_s=args.timeout, tls=args.tls, root_certificates=args.root_certificates, caller=args.caller
+        args.url,
+        timeout_s=args.timeout,
+        tls=args.tls,
+        root_certificates=args.root_certificates,
+        caller=args.caller,
+        shared_memory=getattr(args, "shared_memory", False),
     )
 
 
@@ -87,6 +92,11 @@ def _build_parser() -> argparse.ArgumentParser:
     classify.add_argument("--session", default=None, metavar="ID", help="adapt across the batches of one session")
     classify.add_argument("--batch-size", type=int, default=0, help="images per request (default: all in one)")
     classify.add_argument("--top-k", type=int, default=3)
+    classify.add_argument(
+        "--shared-memory",
+        action="store_true",
+        help="pass the batches through /dev/shm (a server on this host started with --allow-shared-memory)",
+    )
     classify.add_argument("images", nargs="+", type=Path, metavar="IMAGE")
 
     models = commands.add_parser("models", help="list the repository's models")

@@ -222,7 +222,12 @@ def _start_server(settings: ServerSettings) -> ServerHandle:
     port = _bind_and_start(server, f"{settings.grpc_host}:{settings.grpc_port}")
     http, http_port = None, None
     if settings.http_port is not None:
-        http = HttpFrontend(inference_servicer, adaptation_servicer, settings.max_message_mb * 1024 * 1024)
+        http = HttpFrontend(
+            inference_servicer,
+            adaptation_servicer,
+            max_body_bytes=settings.max_message_mb * 1024 * 1024,
+            max_connections=settings.http_max_connections,
+        )
         try:
             http_port = http.start(settings.grpc_host, settings.http_port)
         except RuntimeError:

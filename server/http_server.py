@@ -8,6 +8,7 @@ only translates. A servicer's ``context.abort`` becomes an HTTP status and a JSO
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import json
 import logging
@@ -435,18 +436,46 @@ class _RequestHandler(BaseHTTPRequestHandler):
 
 
 class _Server(ThreadingHTTPServer):
+    """One thread per connection, at most ``max_connections`` of them: a client that opens more gets a 503 and a
+    closed socket instead of a thread each (thousands of idle connections would otherwise exhaust the process)."""
+
     daemon_threads = True
     request_queue_size = 128
 
-    def __init__(self, address: tuple[str, int], handler: type[BaseHTTPRequestHandler]) -> None:
+    def __init__(self, address: tuple[str, int], handler: type[BaseHTTPRequestHandler], max_connections: int) -> None:
         self.address_family = socket.AF_INET6 if ":" in address[0] else socket.AF_INET
+        self._slots = threading.BoundedSemaphore(max_connections)
+        self._busy = _busy_response(max_connections)
         super().__init__(address, handler)
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        if not self._slots.acquire(blocking=False):
+            with contextlib.suppress(OSError):  # a client that is gone already needs no answer
+                request.sendall(self._busy)
+            self.shutdown_request(request)
+            return
+        super().process_request(request, client_address)
+
+    def process_request_thread(self, request: Any, client_address: Any) -> None:
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self._slots.release()
+
+
+def _busy_response(max_connections: int) -> bytes:
+    body = json.dumps({"error": f"the server has its maximum of {max_connections} open HTTP connections; retry"})
+    head = f"HTTP/1.1 503 Service Unavailable\r\nContent-Type: {JSON_CONTENT}\r\nContent-Length: {len(body)}\r\n"
+    return (head + "Connection: close\r\nRetry-After: 1\r\n\r\n" + body).encode()
 
 
 class HttpFrontend:
-    """The REST server: one thread accepting, one thread per open connection."""
+    """The REST server: one thread accepting, one thread per open connection (up to ``max_connections``)."""
 
-    def __init__(self, inference: InferenceServicer, adaptation: AdaptationServicer, max_body_bytes: int) -> None:
+    def __init__(
+        self, inference: InferenceServicer, adaptation: AdaptationServicer, max_body_bytes: int, max_connections: int
+    ) -> None:
+        self._max_connections = max_connections
         self._handler = type(
             "RequestHandler",
             (_RequestHandler,),
@@ -457,7 +486,7 @@ class HttpFrontend:
     def start(self, host: str, port: int) -> int:
         """Bind and serve in the background; returns the bound port (``port`` 0 picks one)."""
         try:
-            self._server = _Server((host.strip("[]"), port), self._handler)
+            self._server = _Server((host.strip("[]"), port), self._handler, self._max_connections)
         except OSError as exc:
             raise RuntimeError(f"cannot bind HTTP port {host}:{port}: {exc}") from exc
         threading.Thread(target=self._server.serve_forever, name="ttaserve-http", daemon=True).start()

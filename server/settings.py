@@ -23,6 +23,8 @@ class ServerSettings(BaseSettings):
     grpc_port: int = Field(default=8001, ge=0, le=65535)
     #: the v2 REST protocol over HTTP (tritonclient.http, curl) on grpc_host; None turns it off, 0 picks a free port
     http_port: int | None = Field(default=8000, ge=0, le=65535)
+    #: open REST connections served at once (each holds a thread); one more gets 503 and is closed
+    http_max_connections: int = Field(default=1024, gt=0)
     #: Prometheus metrics over HTTP; None turns the endpoint off, 0 picks a free port
     metrics_port: int | None = Field(default=8002, ge=0, le=65535)
     device: Literal["auto", "cpu", "cuda"] = "auto"

@@ -9,6 +9,7 @@ import http.client
 import io
 import json
 import socket
+import time
 import urllib.error
 import urllib.request
 import uuid
@@ -664,3 +665,20 @@ def test_what_the_http_layer_refuses_itself_is_json_too(server: ServerHandle) ->
     head, _, body = reply.partition(b"\r\n\r\n")
     assert head.startswith(b"HTTP/1.1 431"), head
     assert "too long" in json.loads(body)["error"]
+
+
+def test_connections_beyond_the_limit_get_503_and_the_limit_frees_up(model_repo: Path) -> None:
+    handle = start(model_repo, metrics_port=None, models=(MODEL,), http_max_connections=2)
+    try:
+        idle = [socket.create_connection(("127.0.0.1", handle.http_port), timeout=10) for _ in range(2)]
+        time.sleep(0.2)  # both accepted, each holding its thread
+        status, message = error_of(handle, "GET", "/v2/health/ready")
+        assert status == 503 and "maximum of 2 open HTTP connections" in message
+        for connection in idle:
+            connection.close()
+        deadline = time.monotonic() + 10
+        while http_call(handle, "GET", "/v2/health/ready")[0] != 200:  # the threads notice the closed sockets
+            assert time.monotonic() < deadline, "the connection slots were not given back"
+            time.sleep(0.05)
+    finally:
+        handle.stop()

@@ -422,3 +422,28 @@ def test_the_sdk_says_when_the_server_has_no_shared_memory(url: str, real_images
         assert excinfo.value.code == "UNIMPLEMENTED"
         assert "--allow-shared-memory" in excinfo.value.message
         assert not client_objects()  # the refused object is removed at once
+
+
+def test_the_cli_classifies_through_shared_memory(
+    shm_server: ServerHandle, url: str, real_images: np.ndarray, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``ttaserve classify --shared-memory`` prints the table it prints without the flag; against a server without
+    the extension it fails in one line naming the server flag, and leaves no object behind."""
+    from PIL import Image
+
+    from ttaserve.client import cli
+
+    files = []
+    for index, image in enumerate(real_images[:3]):
+        files.append(str(tmp_path / f"frame{index}.png"))
+        Image.fromarray(image).save(files[-1])
+    shm_url = f"127.0.0.1:{shm_server.grpc_port}"
+    assert cli.main(["classify", "--url", shm_url, "--model", MODEL, *files]) == 0
+    plain = capsys.readouterr().out
+    assert cli.main(["classify", "--url", shm_url, "--model", MODEL, "--shared-memory", *files]) == 0
+    assert capsys.readouterr().out == plain and "frame2.png" in plain
+    assert not client_objects()
+    assert cli.main(["classify", "--url", url, "--model", MODEL, "--shared-memory", *files]) == 1
+    error = capsys.readouterr().err
+    assert error.count("\n") == 1 and "UNIMPLEMENTED" in error and "--allow-shared-memory" in error
+    assert not client_objects()
