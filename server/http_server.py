@@ -19,6 +19,7 @@ import zlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from http import HTTPStatus
+from http.client import HTTPMessage
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, NoReturn
 from urllib.parse import unquote, urlsplit
@@ -96,7 +97,7 @@ class Call:
 
     params: dict[str, str]
     body: bytes
-    headers: Any
+    headers: HTTPMessage
     context: HttpContext
 
     def model(self) -> tuple[str, str]:
@@ -285,7 +286,7 @@ class RestApi:
         return json_reply(message_to_json(response))
 
 
-def _header_length(headers: Any) -> int | None:
+def _header_length(headers: HTTPMessage) -> int | None:
     value = headers.get(HEADER_LENGTH)
     if value is None:
         return None
