@@ -65,8 +65,6 @@ class ServerHandle:
     server: grpc.Server | NativeServer
     grpc_port: int
     metrics_port: int | None
-    #: the REST front end's port; None when it is off
-    http_port: int | None
     repository: ModelRepository
     sessions: SessionTable
     metrics: Metrics
@@ -76,6 +74,11 @@ class ServerHandle:
     #: the health service names that turn NOT_SERVING on drain
     readiness_services: tuple[str, ...] = ()
     _stopped: threading.Event = field(default_factory=threading.Event)
+
+    @property
+    def http_port(self) -> int | None:
+        """The REST front end's port; None when it is off."""
+        return None if self.http is None else self.http.port
 
     def drain(self) -> None:
         """Not-ready first, finish in-flight requests, snapshot live sessions, then stop."""
@@ -220,7 +223,7 @@ def _start_server(settings: ServerSettings) -> ServerHandle:
         pool=reflection_pool(),
     )
     port = _bind_and_start(server, f"{settings.grpc_host}:{settings.grpc_port}")
-    http, http_port = None, None
+    http = None
     if settings.http_port is not None:
         http = HttpFrontend(
             inference_servicer,
@@ -229,7 +232,7 @@ def _start_server(settings: ServerSettings) -> ServerHandle:
             max_connections=settings.http_max_connections,
         )
         try:
-            http_port = http.start(settings.grpc_host, settings.http_port)
+            http.start(settings.grpc_host, settings.http_port)
         except RuntimeError:
             server.stop(0).wait()
             raise
@@ -250,7 +253,6 @@ def _start_server(settings: ServerSettings) -> ServerHandle:
         server=server,
         grpc_port=port,
         metrics_port=metrics_port,
-        http_port=http_port,
         repository=repository,
         sessions=sessions,
         metrics=metrics,
@@ -265,7 +267,7 @@ def _start_server(settings: ServerSettings) -> ServerHandle:
         settings.grpc_host,
         port,
         frontend,
-        http_port if http_port is not None else "off",
+        handle.http_port if handle.http_port is not None else "off",
         metrics_port if metrics_port is not None else "off",
         ", ".join(f"{m.name}/{m.version}" for m in repository.loaded()) or "none",
     )

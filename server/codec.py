@@ -124,11 +124,11 @@ def values_to_array(values: Sequence[bool | int | float], datatype: str, name: s
     if dtype.kind in "iu":
         if array.dtype.kind == "f" and not np.array_equal(array, np.trunc(array)):
             raise InvalidArgument(f"input '{name}': {datatype} data holds non-integer values")
-        info = np.iinfo(dtype)
-        if array.min() < info.min or array.max() > info.max:
+        info, lowest, highest = np.iinfo(dtype), array.min(), array.max()
+        if lowest < info.min or highest > info.max:
             raise InvalidArgument(
                 f"input '{name}': {datatype} data holds values outside [{info.min}, {info.max}] "
-                f"(min {array.min()}, max {array.max()})"
+                f"(min {lowest}, max {highest})"
             )
     elif dtype.kind == "b" and array.dtype.kind != "b":
         raise InvalidArgument(f"input '{name}': BOOL data must be true/false")

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from http import HTTPStatus
 from http.client import HTTPMessage
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any, NoReturn
+from typing import Any, NoReturn, TypeVar
 from urllib.parse import unquote, urlsplit
 
 import grpc
@@ -38,6 +38,7 @@ from .inference_service import CALLER_METADATA, InferenceServicer, server_versio
 from .rest_codec import encode_infer_response, load_json_object, message_to_json, parse_infer_body
 
 log = logging.getLogger(__name__)
+M = TypeVar("M", bound=Message)
 
 JSON_CONTENT = "application/json"
 BINARY_CONTENT = "application/octet-stream"
@@ -105,6 +106,14 @@ class Call:
 
     def json(self, what: str) -> dict[str, Any]:
         return load_json_object(self.body, what)
+
+    def message(self, message: M, what: str) -> M:
+        """The body parsed into ``message`` with protobuf's JSON mapping (no body: the message's defaults)."""
+        try:
+            json_format.Parse(self.body or b"{}", message)
+        except json_format.ParseError as exc:
+            raise InvalidArgument(f"{what}: {exc}") from None
+        return message
 
 
 Handler = Callable[[Call], Reply]
@@ -244,19 +253,10 @@ class RestApi:
         return json_reply([message_to_json(region) for region in response.regions.values()])
 
     def shared_memory_register(self, call: Call) -> Reply:
-        body = call.json("register request")
-        fields = {}
-        for key, required in (("key", True), ("offset", False), ("byte_size", True)):
-            value = body.get(key, None if required else 0)
-            wanted = str if key == "key" else int
-            if value is None or not isinstance(value, wanted) or isinstance(value, bool):
-                raise InvalidArgument(
-                    f"register request: '{key}' must be {'a string' if wanted is str else 'an integer'}"
-                )
-            fields[key] = value
-        if fields["offset"] < 0:
-            raise InvalidArgument(f"register request: 'offset' must not be negative, got {fields['offset']}")
-        request = pb.SystemSharedMemoryRegisterRequest(name=call.params["region"], **fields)
+        """The body (``key``, ``offset``, ``byte_size``) is the gRPC request's own fields in protobuf's JSON mapping,
+        so protobuf checks their types and ranges and the registry checks the rest."""
+        request = call.message(pb.SystemSharedMemoryRegisterRequest(), "register request")
+        request.name = call.params["region"]
         self.inference.SystemSharedMemoryRegister(request, call.context)
         return Reply()
 
@@ -277,11 +277,7 @@ class RestApi:
         if method is None:
             names = ", ".join(sorted(ADAPTATION_SERVICE.methods_by_name))
             raise HttpError(404, f"ttaserve.v1.Adaptation has no RPC '{call.params['rpc']}'; RPCs: {names}")
-        request: Message = message_factory.GetMessageClass(method.input_type)()
-        try:
-            json_format.Parse(call.body or b"{}", request)
-        except json_format.ParseError as exc:
-            raise InvalidArgument(f"{method.name} request: {exc}") from None
+        request = call.message(message_factory.GetMessageClass(method.input_type)(), f"{method.name} request")
         response = getattr(self.adaptation, method.name)(request, call.context)
         return json_reply(message_to_json(response))
 
@@ -483,6 +479,8 @@ class HttpFrontend:
             {"api": RestApi(inference, adaptation), "max_body_bytes": max_body_bytes},
         )
         self._server: _Server | None = None
+        #: the bound port, once started (kept after stop, so a caller can still say which port it was)
+        self.port: int | None = None
 
     def start(self, host: str, port: int) -> int:
         """Bind and serve in the background; returns the bound port (``port`` 0 picks one)."""
@@ -490,8 +488,9 @@ class HttpFrontend:
             self._server = _Server((host.strip("[]"), port), self._handler, self._max_connections)
         except OSError as exc:
             raise RuntimeError(f"cannot bind HTTP port {host}:{port}: {exc}") from exc
+        self.port = self._server.server_address[1]
         threading.Thread(target=self._server.serve_forever, name="ttaserve-http", daemon=True).start()
-        return self._server.server_address[1]
+        return self.port
 
     def stop(self) -> None:
         if self._server is not None:

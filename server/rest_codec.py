@@ -21,8 +21,16 @@ from google.protobuf.message import Message
 
 from ttaserve.protocol import kserve_v2_pb2 as pb
 
-from .codec import NUMPY_DTYPES, decode_bytes_elements, encode_bytes_elements, set_parameter, values_to_array
+from .codec import (
+    NUMPY_DTYPES,
+    decode_bytes_elements,
+    encode_bytes_elements,
+    parameter_value,
+    set_parameter,
+    values_to_array,
+)
 from .errors import InvalidArgument
+from .shared_memory import REGION_PARAMETER
 
 BINARY_DATA_SIZE = "binary_data_size"
 BINARY_DATA = "binary_data"
@@ -81,8 +89,6 @@ def parse_infer_body(model_name: str, model_version: str, body: bytes, json_leng
         raise InvalidArgument(
             f"the body has {len(tail)} bytes after the JSON, but the inputs' binary_data_size add up to {offset}"
         )
-    if request.raw_input_contents and len(request.raw_input_contents) != len(request.inputs):
-        raise InvalidArgument("either every input or none carries binary data")
 
     binary_outputs: dict[str, bool] = {}
     for index, item in enumerate(_expect(header.get("outputs", []), list, "'outputs'")):
@@ -177,7 +183,7 @@ def encode_infer_response(response: pb.ModelInferResponse, parsed: ParsedInferBo
     for tensor, raw in zip(response.outputs, response.raw_output_contents, strict=True):
         entry: dict[str, Any] = {"name": tensor.name, "datatype": tensor.datatype, "shape": list(tensor.shape)}
         params = parameters_to_json(tensor.parameters)
-        in_shared_memory = "shared_memory_region" in params
+        in_shared_memory = REGION_PARAMETER in params
         if not in_shared_memory and parsed.binary_outputs.get(tensor.name, parsed.binary_by_default):
             params[BINARY_DATA_SIZE] = len(raw)
             tail.append(raw)
@@ -205,7 +211,7 @@ def _output_values(datatype: str, raw: bytes) -> list[Any]:
 
 
 def parameters_to_json(parameters: Mapping[str, pb.InferParameter]) -> dict[str, Any]:
-    return {key: getattr(value, value.WhichOneof("parameter_choice")) for key, value in parameters.items()}
+    return {key: parameter_value(value) for key, value in parameters.items()}
 
 
 def message_to_json(message: Message) -> dict[str, Any]:
