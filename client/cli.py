@@ -38,6 +38,11 @@ def _add_connection(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--timeout", type=float, default=None, metavar="SECONDS", help="deadline per call")
     parser.add_argument("--tls", action="store_true", help="connect with TLS")
     parser.add_argument("--root-certificates", type=Path, default=None, help="PEM file to verify the server with")
+    parser.add_argument("--client-cert", type=Path, default=None, help="PEM certificate chain (mutual TLS)")
+    parser.add_argument("--client-key", type=Path, default=None, help="PEM private key of --client-cert")
+    parser.add_argument(
+        "--server-name", default=None, help="name to verify the server's certificate against (default: the URL host)"
+    )
     parser.add_argument("--caller", default=None, help="caller identity (ttaserve-caller metadata)")
 
 
@@ -47,6 +52,9 @@ def _client(args: argparse.Namespace) -> Client:
         timeout_s=args.timeout,
         tls=args.tls,
         root_certificates=args.root_certificates,
+        certificate_chain=args.client_cert,
+        private_key=args.client_key,
+        server_name=args.server_name,
         caller=args.caller,
         shared_memory=getattr(args, "shared_memory", False),
     )
@@ -81,6 +89,11 @@ def _build_parser() -> argparse.ArgumentParser:
         const=True,
         default=None,
         help="let clients on this host pass tensors through /dev/shm (Triton's system shared-memory extension)",
+    )
+    serve.add_argument("--tls-cert", type=Path, default=None, help="PEM certificate chain: TLS on gRPC and REST")
+    serve.add_argument("--tls-key", type=Path, default=None, help="PEM private key of --tls-cert")
+    serve.add_argument(
+        "--tls-client-ca", type=Path, default=None, help="PEM CA bundle: clients must present a certificate it signed"
     )
 
     classify = commands.add_parser("classify", help="classify image files")
@@ -136,6 +149,9 @@ def _serve(args: argparse.Namespace) -> int:
         frontend=args.frontend,
         snapshot_dir=args.snapshot_dir,
         allow_shared_memory=args.allow_shared_memory,
+        tls_cert=args.tls_cert,
+        tls_key=args.tls_key,
+        tls_client_ca=args.tls_client_ca,
     )
     if args.no_metrics:
         settings = settings.model_copy(update={"metrics_port": None})

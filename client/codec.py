@@ -257,7 +257,7 @@ def session_key(caller: str | None, model: str, strategy: str, sequence_id: str)
     return apb.SessionKey(caller=caller or "", model_name=model, strategy=strategy, sequence_id=sequence_id)
 
 
-def channel_options(max_message_mb: int) -> list[tuple[str, int]]:
+def channel_options(max_message_mb: int) -> list[tuple[str, int | str]]:
     limit = max_message_mb * 1024 * 1024
     return [("grpc.max_send_message_length", limit), ("grpc.max_receive_message_length", limit)]
 
@@ -268,13 +268,6 @@ def channel_target(url: str) -> str:
         if url.startswith(scheme):
             return url[len(scheme) :].rstrip("/")
     return url
-
-
-def read_certificates(root_certificates: bytes | str | Path | None) -> bytes | None:
-    """PEM bytes as given, or read from a path."""
-    if root_certificates is None or isinstance(root_certificates, bytes):
-        return root_certificates
-    return Path(root_certificates).read_bytes()
 
 
 # --- responses --------------------------------------------------------------------------------------------------

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
-from pathlib import Path
 from types import ModuleType
 from typing import ClassVar
 
@@ -20,8 +19,9 @@ from ttaserve.protocol.adaptation_pb2_grpc import AdaptationStub
 from ttaserve.protocol.grpc_service_pb2_grpc import GRPCInferenceServiceStub
 
 from . import codec
-from .codec import InputTarget, SequenceFlags, call_metadata, channel_options, channel_target, read_certificates
+from .codec import InputTarget, SequenceFlags, call_metadata, channel_options, channel_target
 from .shared_memory import SharedMemoryPool, SharedMemorySlot
+from .tls import PemSource, client_tls
 
 DEFAULT_URL = "localhost:8001"
 
@@ -42,7 +42,10 @@ class ClientCore:
         *,
         timeout_s: float | None,
         tls: bool,
-        root_certificates: bytes | str | Path | None,
+        root_certificates: PemSource | None,
+        certificate_chain: PemSource | None,
+        private_key: PemSource | None,
+        server_name: str | None,
         caller: str | None,
         max_message_mb: int,
     ) -> None:
@@ -50,7 +53,17 @@ class ClientCore:
             raise ValueError(f"max_message_mb must be positive, not {max_message_mb}")
         self.target = channel_target(url)
         self.options = channel_options(max_message_mb)
-        self.credentials = grpc.ssl_channel_credentials(read_certificates(root_certificates)) if tls else None
+        settings = client_tls(
+            url,
+            tls=tls,
+            root_certificates=root_certificates,
+            certificate_chain=certificate_chain,
+            private_key=private_key,
+            server_name=server_name,
+        )
+        self.credentials = None if settings is None else settings.credentials()
+        if settings is not None:
+            self.options += settings.options()
         self.timeout_s = timeout_s
         self.caller = caller
         self.default_model: str | None = None
@@ -77,19 +90,29 @@ class ClientBase:
         *,
         timeout_s: float | None = None,
         tls: bool = False,
-        root_certificates: bytes | str | Path | None = None,
+        root_certificates: PemSource | None = None,
+        certificate_chain: PemSource | None = None,
+        private_key: PemSource | None = None,
+        server_name: str | None = None,
         caller: str | None = None,
         max_message_mb: int = 256,
         shared_memory: bool = False,
     ) -> None:
-        """``shared_memory=True`` (a client on the server's host, a server run with ``--allow-shared-memory``)
-        passes each batch through /dev/shm instead of the request message (client/shared_memory.py)."""
+        """TLS is on with ``tls=True``, a ``grpcs://`` URL, or any certificate argument: ``root_certificates``
+        verifies the server (default: the system's roots), ``certificate_chain`` and ``private_key`` identify this
+        client to a server that requires mutual TLS, ``server_name`` is the name the server's certificate must
+        carry when it is not the URL's host. ``shared_memory=True`` (a client on the server's host, a server run
+        with ``--allow-shared-memory``) passes each batch through /dev/shm instead of the request message
+        (client/shared_memory.py)."""
         self._shared_memory = SharedMemoryPool() if shared_memory else None
         core = self._core = ClientCore(
             url,
             timeout_s=timeout_s,
             tls=tls,
             root_certificates=root_certificates,
+            certificate_chain=certificate_chain,
+            private_key=private_key,
+            server_name=server_name,
             caller=caller,
             max_message_mb=max_message_mb,
         )

@@ -16,7 +16,7 @@ from ttaserve.protocol import adaptation_pb2 as apb
 from ttaserve.protocol import adaptation_pb2_grpc
 
 from .errors import InvalidArgument, NotFound, ServingError
-from .inference_service import caller_of, deadline_of
+from .inference_service import caller_of, deadline_of, visible_to
 from .loaded_model import LoadedModel
 from .metrics import Metrics
 from .repository import ModelRepository
@@ -61,7 +61,7 @@ class AdaptationServicer(adaptation_pb2_grpc.AdaptationServicer):
         strategy = key.strategy or "none"
         if strategy not in strategy_names():
             raise InvalidArgument(f"unknown strategy {strategy!r}; allowed: {', '.join(strategy_names())}")
-        return SessionKey(key.caller or caller_of(context), key.model_name, strategy, key.sequence_id)
+        return SessionKey(caller_of(context, key.caller), key.model_name, strategy, key.sequence_id)
 
     def ListStrategies(
         self, request: apb.ListStrategiesRequest, context: grpc.ServicerContext
@@ -92,7 +92,7 @@ class AdaptationServicer(adaptation_pb2_grpc.AdaptationServicer):
         for session in self.sessions.sessions():
             if request.model_name and session.key.model != request.model_name:
                 continue
-            if not request.all_callers and session.key.caller != caller:
+            if session.key.caller != caller and not (request.all_callers and visible_to(context, session.key.caller)):
                 continue
             response.sessions.append(session_info(session))
         return response

@@ -27,11 +27,13 @@ from .http_server import HttpFrontend
 from .inference_service import InferenceServicer, InflightTracker, server_version
 from .metrics import Metrics
 from .native_frontend import NativeServer
+from .ops_http import LIVE_PATH, READY_PATH
 from .pipeline import Pipeline
 from .repository import ModelRepository
 from .sessions import SessionTable
 from .settings import ServerSettings
 from .shared_memory import SharedMemoryRegistry
+from .tls import TlsConfig, load_tls
 
 log = logging.getLogger(__name__)
 
@@ -139,10 +141,14 @@ def _grpc_server(settings: ServerSettings) -> tuple[grpc.Server | NativeServer, 
     return server, "python"
 
 
-def _bind_and_start(server: grpc.Server | NativeServer, address: str) -> int:
-    """Bind ``address``, start serving, and return the bound port; RuntimeError when the address cannot be bound."""
+def _bind_and_start(server: grpc.Server | NativeServer, address: str, tls: TlsConfig | None) -> int:
+    """Bind ``address`` (with TLS when ``tls`` is given), start serving, and return the bound port; RuntimeError when
+    the address cannot be bound."""
     if isinstance(server, NativeServer):
-        server.add_insecure_port(address)
+        if tls is None:
+            server.add_insecure_port(address)
+        else:
+            server.add_secure_port(address, tls.private_key, tls.cert_chain, tls.client_ca)
         try:
             server.start()
         except RuntimeError as exc:
@@ -150,7 +156,11 @@ def _bind_and_start(server: grpc.Server | NativeServer, address: str) -> int:
             raise RuntimeError(f"cannot bind gRPC port {address}") from exc
         return server.bound_ports()[0]
     try:
-        port = server.add_insecure_port(address)  # grpcio raises on a failed bind, or (older) returns 0
+        # grpcio raises on a failed bind, or (older) returns 0
+        if tls is None:
+            port = server.add_insecure_port(address)
+        else:
+            port = server.add_secure_port(address, tls.grpc_credentials())
     except RuntimeError as exc:
         raise RuntimeError(f"cannot bind gRPC port {address}: {exc}") from exc
     if port == 0:
@@ -177,6 +187,7 @@ def _start_server(settings: ServerSettings) -> ServerHandle:
         torch.backends.cudnn.allow_tf32 = False
         torch.backends.cuda.matmul.allow_tf32 = False
     device = resolve_device(settings.device)
+    tls = load_tls(settings.tls_cert, settings.tls_key, settings.tls_client_ca)  # before anything slow
     # build or load the C normalisation kernels now (~0.3 s once), not inside a first request
     kernels = "loaded" if native.kernels() is not None else "unavailable"
     server, frontend = _grpc_server(settings)  # first: a front end that cannot be built fails before any loading
@@ -222,7 +233,7 @@ def _start_server(settings: ServerSettings) -> ServerHandle:
         server,
         pool=reflection_pool(),
     )
-    port = _bind_and_start(server, f"{settings.grpc_host}:{settings.grpc_port}")
+    port = _bind_and_start(server, f"{settings.grpc_host}:{settings.grpc_port}", tls)
     http = None
     if settings.http_port is not None:
         http = HttpFrontend(
@@ -230,6 +241,7 @@ def _start_server(settings: ServerSettings) -> ServerHandle:
             adaptation_servicer,
             max_body_bytes=settings.max_message_mb * 1024 * 1024,
             max_connections=settings.http_max_connections,
+            ssl_context=None if tls is None else tls.ssl_context(),
         )
         try:
             http.start(settings.grpc_host, settings.http_port)
@@ -246,7 +258,13 @@ def _start_server(settings: ServerSettings) -> ServerHandle:
         }
     )
     metrics_port = (
-        metrics.serve(settings.metrics_port, settings.grpc_host) if settings.metrics_port is not None else None
+        metrics.serve(
+            settings.metrics_port,
+            settings.grpc_host,
+            probes={LIVE_PATH: lambda: True, READY_PATH: inference_servicer.ready},
+        )
+        if settings.metrics_port is not None
+        else None
     )
     handle = ServerHandle(
         settings=settings,
@@ -263,10 +281,11 @@ def _start_server(settings: ServerSettings) -> ServerHandle:
     )
     _start_sweeper(handle)
     log.info(
-        "ttaserve listening on %s:%d (%s gRPC front end, REST %s, metrics %s), models: %s",
+        "ttaserve listening on %s:%d (%s gRPC front end, %s, REST %s, metrics %s), models: %s",
         settings.grpc_host,
         port,
         frontend,
+        "plaintext" if tls is None else ("mutual TLS" if tls.mutual else "TLS"),
         handle.http_port if handle.http_port is not None else "off",
         metrics_port if metrics_port is not None else "off",
         ", ".join(f"{m.name}/{m.version}" for m in repository.loaded()) or "none",

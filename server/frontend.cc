@@ -117,10 +117,20 @@ class Frontend {
 
   void AddUnaryMethod(const char* method) { unary_methods_.insert(method); }
 
-  int AddPort(const char* address) {
-    ports_.push_back(0);
-    builder_.AddListeningPort(address, grpc::InsecureServerCredentials(), &ports_.back());
-    return static_cast<int>(ports_.size()) - 1;
+  int AddPort(const char* address) { return Listen(address, grpc::InsecureServerCredentials()); }
+
+  // A TLS port; with client_ca (not null), clients must present a certificate it signed, and every start record
+  // carries the verified certificate's auth properties.
+  int AddSecurePort(const char* address, const char* private_key, const char* cert_chain, const char* client_ca) {
+    grpc::SslServerCredentialsOptions options(client_ca == nullptr
+                                                  ? GRPC_SSL_DONT_REQUEST_CLIENT_CERTIFICATE
+                                                  : GRPC_SSL_REQUEST_AND_REQUIRE_CLIENT_CERTIFICATE_AND_VERIFY);
+    options.pem_key_cert_pairs.push_back({private_key, cert_chain});
+    if (client_ca != nullptr) {
+      options.pem_root_certs = client_ca;
+      authenticated_ = true;
+    }
+    return Listen(address, grpc::SslServerCredentials(options));
   }
 
   int Port(int index) const { return ports_.at(index); }
@@ -183,6 +193,12 @@ class Frontend {
   }
 
  private:
+  int Listen(const char* address, std::shared_ptr<grpc::ServerCredentials> credentials) {
+    ports_.push_back(0);
+    builder_.AddListeningPort(address, credentials, &ports_.back());
+    return static_cast<int>(ports_.size()) - 1;
+  }
+
   Call* Find(uint64_t id) {
     std::lock_guard<std::mutex> lock(calls_mutex_);
     auto found = calls_.find(id);
@@ -241,6 +257,15 @@ class Frontend {
     record.append(reinterpret_cast<const char*>(&remaining), sizeof(remaining));
     PutField(&record, call->context.method());
     PutField(&record, call->context.peer());
+    std::string properties;  // the client certificate's auth properties, as name/value fields (mutual TLS only)
+    if (authenticated_) {
+      auto auth = call->context.auth_context();
+      for (auto property = auth->begin(); property != auth->end(); ++property) {
+        PutField(&properties, std::string((*property).first.data(), (*property).first.size()));
+        PutField(&properties, std::string((*property).second.data(), (*property).second.size()));
+      }
+    }
+    PutField(&record, properties);
     for (const auto& entry : call->context.client_metadata()) {
       PutField(&record, std::string(entry.first.data(), entry.first.size()));
       PutField(&record, std::string(entry.second.data(), entry.second.size()));
@@ -415,6 +440,7 @@ class Frontend {
   EventCallback callback_;
   PythonThreadApi python_;
   int max_receive_, max_send_;
+  bool authenticated_ = false;  // a port requires client certificates: start records carry their properties
   std::unordered_set<std::string> unary_methods_;
   grpc::ServerBuilder builder_;
   grpc::AsyncGenericService service_;
@@ -447,6 +473,11 @@ void ttaserve_frontend_add_unary_method(void* frontend, const char* method) {
 
 int ttaserve_frontend_add_port(void* frontend, const char* address) {
   return static_cast<Frontend*>(frontend)->AddPort(address);
+}
+
+int ttaserve_frontend_add_secure_port(void* frontend, const char* address, const char* private_key,
+                                      const char* cert_chain, const char* client_ca) {
+  return static_cast<Frontend*>(frontend)->AddSecurePort(address, private_key, cert_chain, client_ca);
 }
 
 int ttaserve_frontend_port(void* frontend, int index) { return static_cast<Frontend*>(frontend)->Port(index); }

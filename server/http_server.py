@@ -14,6 +14,7 @@ import json
 import logging
 import re
 import socket
+import ssl
 import threading
 import zlib
 from collections.abc import Callable, Sequence
@@ -36,6 +37,7 @@ from .adaptation_service import AdaptationServicer
 from .errors import InvalidArgument, ServingError
 from .inference_service import CALLER_METADATA, InferenceServicer, server_version
 from .rest_codec import encode_infer_response, load_json_object, message_to_json, parse_infer_body
+from .tls import auth_context_of_certificate
 
 log = logging.getLogger(__name__)
 M = TypeVar("M", bound=Message)
@@ -69,13 +71,18 @@ class HttpError(Exception):
 
 class HttpContext:
     """What the servicers use of ``grpc.ServicerContext``: the caller's identity (the ``ttaserve-caller`` header
-    plays gRPC's metadata) and ``abort``. HTTP requests carry no deadline."""
+    plays gRPC's metadata; under mutual TLS, the client certificate) and ``abort``. HTTP requests carry no
+    deadline."""
 
-    def __init__(self, caller: str | None) -> None:
+    def __init__(self, caller: str | None, auth: dict[str, list[bytes]] | None = None) -> None:
         self._metadata = ((CALLER_METADATA, caller),) if caller else ()
+        self._auth = auth or {}
 
     def invocation_metadata(self) -> tuple[tuple[str, str], ...]:
         return self._metadata
+
+    def auth_context(self) -> dict[str, list[bytes]]:
+        return self._auth
 
     def time_remaining(self) -> float | None:
         return None
@@ -347,6 +354,20 @@ class _RequestHandler(BaseHTTPRequestHandler):
     def setup(self) -> None:
         super().setup()
         compute.single_threaded()
+        self.auth: dict[str, list[bytes]] = {}
+
+    def handle(self) -> None:
+        """Under TLS, the handshake happens here, on the connection's own thread and under its idle timeout, so a
+        client that never completes one holds up no one else."""
+        if isinstance(self.connection, ssl.SSLSocket):
+            try:
+                self.connection.do_handshake()
+            except (OSError, ValueError) as exc:  # ssl.SSLError is an OSError; a timeout too
+                log.info("TLS handshake with %s failed: %s", self.address_string(), exc)
+                self.close_connection = True
+                return
+            self.auth = auth_context_of_certificate(self.connection.getpeercert())
+        super().handle()
 
     def do_GET(self) -> None:
         self._handle("GET")
@@ -377,7 +398,8 @@ class _RequestHandler(BaseHTTPRequestHandler):
             path = urlsplit(self.path).path
             handler, params = self.api.find(method, path)
             body = self._read_body()
-            reply = handler(Call(params, body, self.headers, HttpContext(self.headers.get(CALLER_METADATA))))
+            context = HttpContext(self.headers.get(CALLER_METADATA), self.auth)
+            reply = handler(Call(params, body, self.headers, context))
         except HttpError as exc:
             reply = json_reply({"error": exc.message}, exc.status)
             reply.headers.extend(exc.headers)
@@ -434,21 +456,37 @@ class _RequestHandler(BaseHTTPRequestHandler):
 
 class _Server(ThreadingHTTPServer):
     """One thread per connection, at most ``max_connections`` of them: a client that opens more gets a 503 and a
-    closed socket instead of a thread each (thousands of idle connections would otherwise exhaust the process)."""
+    closed socket instead of a thread each (thousands of idle connections would otherwise exhaust the process).
+    Under TLS the refused connection is closed without the 503: answering would need a handshake on the accepting
+    thread, where one slow client could stall every other."""
 
     daemon_threads = True
     request_queue_size = 128
 
-    def __init__(self, address: tuple[str, int], handler: type[BaseHTTPRequestHandler], max_connections: int) -> None:
+    def __init__(
+        self,
+        address: tuple[str, int],
+        handler: type[BaseHTTPRequestHandler],
+        max_connections: int,
+        ssl_context: ssl.SSLContext | None,
+    ) -> None:
         self.address_family = socket.AF_INET6 if ":" in address[0] else socket.AF_INET
         self._slots = threading.BoundedSemaphore(max_connections)
         self._busy = _busy_response(max_connections)
+        self._ssl_context = ssl_context
         super().__init__(address, handler)
+
+    def get_request(self) -> tuple[socket.socket, Any]:
+        connection, client_address = super().get_request()
+        if self._ssl_context is not None:  # no I/O yet: the handler's thread does the handshake
+            connection = self._ssl_context.wrap_socket(connection, server_side=True, do_handshake_on_connect=False)
+        return connection, client_address
 
     def process_request(self, request: Any, client_address: Any) -> None:
         if not self._slots.acquire(blocking=False):
-            with contextlib.suppress(OSError):  # a client that is gone already needs no answer
-                request.sendall(self._busy)
+            if self._ssl_context is None:
+                with contextlib.suppress(OSError):  # a client that is gone already needs no answer
+                    request.sendall(self._busy)
             self.shutdown_request(request)
             return
         super().process_request(request, client_address)
@@ -470,9 +508,15 @@ class HttpFrontend:
     """The REST server: one thread accepting, one thread per open connection (up to ``max_connections``)."""
 
     def __init__(
-        self, inference: InferenceServicer, adaptation: AdaptationServicer, max_body_bytes: int, max_connections: int
+        self,
+        inference: InferenceServicer,
+        adaptation: AdaptationServicer,
+        max_body_bytes: int,
+        max_connections: int,
+        ssl_context: ssl.SSLContext | None = None,
     ) -> None:
         self._max_connections = max_connections
+        self._ssl_context = ssl_context
         self._handler = type(
             "RequestHandler",
             (_RequestHandler,),
@@ -485,7 +529,7 @@ class HttpFrontend:
     def start(self, host: str, port: int) -> int:
         """Bind and serve in the background; returns the bound port (``port`` 0 picks one)."""
         try:
-            self._server = _Server((host.strip("[]"), port), self._handler, self._max_connections)
+            self._server = _Server((host.strip("[]"), port), self._handler, self._max_connections, self._ssl_context)
         except OSError as exc:
             raise RuntimeError(f"cannot bind HTTP port {host}:{port}: {exc}") from exc
         self.port = self._server.server_address[1]

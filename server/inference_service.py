@@ -22,11 +22,13 @@ from .pipeline import Pipeline
 from .repository import ModelRepository
 from .request import OUTPUT_NAMES
 from .shared_memory import SharedMemoryRegistry
+from .tls import identity_of
 
 log = logging.getLogger(__name__)
 
 CALLER_METADATA = "ttaserve-caller"
 ANONYMOUS = "anonymous"
+MAX_CALLER_CHARS = 128
 EXTENSIONS = (
     "classification",
     "sequence",
@@ -57,11 +59,26 @@ def server_version() -> str:
         return "0+unknown"
 
 
-def caller_of(context: grpc.ServicerContext) -> str:
-    for key, value in context.invocation_metadata():
-        if key == CALLER_METADATA and value:
-            return str(value)[:128]
-    return ANONYMOUS
+def caller_of(context: grpc.ServicerContext, named: str = "") -> str:
+    """Who is calling, for keeping sessions apart: ``named`` (a caller an Adaptation request names in its session
+    key), else the ``ttaserve-caller`` header, else "anonymous". Under mutual TLS the name lives inside the client
+    certificate's namespace: the certificate's name, then ``/`` and the header or named caller when there is one.
+    A certificate can subdivide its own sessions but never reach another certificate's."""
+    if not named:
+        named = next((str(v) for k, v in context.invocation_metadata() if k == CALLER_METADATA and v), "")
+    identity = identity_of(context.auth_context())
+    if identity is None:
+        return named[:MAX_CALLER_CHARS] or ANONYMOUS
+    if not named or named == identity or named.startswith(f"{identity}/"):
+        return (named or identity)[:MAX_CALLER_CHARS]
+    return f"{identity}/{named}"[:MAX_CALLER_CHARS]
+
+
+def visible_to(context: grpc.ServicerContext, caller: str) -> bool:
+    """Whether a session of ``caller`` may be listed to every caller of this RPC: always in plaintext or one-way
+    TLS (callers are not authenticated there), only the certificate's own namespace under mutual TLS."""
+    identity = identity_of(context.auth_context())
+    return identity is None or caller == identity or caller.startswith(f"{identity}/")
 
 
 def deadline_of(context: grpc.ServicerContext) -> float | None:
@@ -146,8 +163,12 @@ class InferenceServicer(grpc_service_pb2_grpc.GRPCInferenceServiceServicer):
     def ServerLive(self, request: pb.ServerLiveRequest, context: grpc.ServicerContext) -> pb.ServerLiveResponse:
         return pb.ServerLiveResponse(live=True)
 
+    def ready(self) -> bool:
+        """Serving: not draining, and at least one model loaded."""
+        return not self.inflight.draining and bool(self.repository.loaded())
+
     def ServerReady(self, request: pb.ServerReadyRequest, context: grpc.ServicerContext) -> pb.ServerReadyResponse:
-        return pb.ServerReadyResponse(ready=not self.inflight.draining and bool(self.repository.loaded()))
+        return pb.ServerReadyResponse(ready=self.ready())
 
     def ModelReady(self, request: pb.ModelReadyRequest, context: grpc.ServicerContext) -> pb.ModelReadyResponse:
         try:

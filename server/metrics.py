@@ -7,16 +7,18 @@ from __future__ import annotations
 
 import threading
 from collections import Counter as Tally
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info, start_http_server
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from ttaserve.adapters import get_strategy_class, strategy_names
+
+from .ops_http import OpsServer, Probe
 
 if TYPE_CHECKING:
     from .repository import ModelRepository
@@ -307,14 +309,13 @@ class Metrics:
             for event in OPEN_EVENTS:
                 self.sessions_opened.labels(model, strategy, event)
 
-    def serve(self, port: int, host: str = "0.0.0.0") -> int:
-        """Start the HTTP endpoint; returns the bound port (``port`` 0 picks one)."""
-        server, _thread = start_http_server(port, addr=host.strip("[]"), registry=self.registry)
-        self._http_server = server
-        return int(server.server_port)
+    def serve(self, port: int, host: str = "0.0.0.0", probes: Mapping[str, Probe] | None = None) -> int:
+        """Start the operations endpoint (metrics, and the health ``probes`` by path); returns the bound port
+        (``port`` 0 picks one)."""
+        self._http_server = OpsServer(self.registry, host, port, probes or {})
+        return self._http_server.port
 
     def close(self) -> None:
-        server = getattr(self, "_http_server", None)
+        server: OpsServer | None = getattr(self, "_http_server", None)
         if server is not None:
-            server.shutdown()
-            server.server_close()
+            server.close()

@@ -54,6 +54,12 @@ class ServerSettings(BaseSettings):
     #: through them. Off by default: a caller that may register keys may read and write any shared-memory object
     #: the server's user can open
     allow_shared_memory: bool = False
+    #: TLS on the gRPC and REST ports: a PEM certificate chain and its private key (both or neither); the metrics
+    #: port stays plaintext, for scrapers and probes inside the cluster
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    #: mutual TLS: clients must present a certificate this PEM CA bundle signed, and its name becomes the caller
+    tls_client_ca: Path | None = None
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
 
     @classmethod

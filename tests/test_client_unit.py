@@ -19,6 +19,7 @@ from ttaserve.client.errors import DeadlineExceeded, FailedPrecondition, Invalid
 from ttaserve.client.results import ModelEntry, ModelMetadata, TensorInfo
 from ttaserve.client.session import SessionCore
 from ttaserve.client.table import format_table
+from ttaserve.client.tls import ClientTls, client_tls
 from ttaserve.protocol import kserve_v2_pb2 as pb
 
 
@@ -329,3 +330,20 @@ def test_client_package_never_imports_torch() -> None:
         "bad = [m for m in ('torch', 'ttaserve.server') if m in sys.modules]; assert not bad, bad"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+# --- TLS settings ---
+
+
+def test_tls_turns_on_by_flag_scheme_or_certificate_material(tmp_path: Path) -> None:
+    pem = tmp_path / "ca.pem"
+    pem.write_bytes(b"-----BEGIN CERTIFICATE-----\n")
+    none = {"root_certificates": None, "certificate_chain": None, "private_key": None, "server_name": None}
+    assert client_tls("localhost:8001", tls=False, **none) is None
+    assert client_tls("localhost:8001", tls=True, **none) == ClientTls()
+    assert client_tls("grpcs://localhost:8001", tls=False, **none) == ClientTls()
+    assert client_tls("localhost:8001", tls=False, **{**none, "root_certificates": pem}) == ClientTls(pem.read_bytes())
+    renamed = client_tls("10.0.0.5:8001", tls=False, **{**none, "server_name": "ttaserve.internal"})
+    assert renamed is not None and renamed.options() == [("grpc.ssl_target_name_override", "ttaserve.internal")]
+    with pytest.raises(ValueError, match="certificate_chain and private_key go together"):
+        client_tls("localhost:8001", tls=True, **{**none, "certificate_chain": pem})

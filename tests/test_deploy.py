@@ -49,6 +49,7 @@ FULL_VALUES: dict[str, Any] = {
     "replicaCount": 3,
     "settings": {"drain_timeout_s": 45.5, "max_sessions": 64},
     "tolerations": [{"key": "dedicated", "operator": "Equal", "value": "inference", "effect": "NoSchedule"}],
+    "tls": {"secretName": "ttaserve-tls", "clientCaSecretName": "camera-ca"},
 }
 
 
@@ -135,6 +136,17 @@ def test_settings_are_valid_server_settings(tmp_path: Path, values: dict[str, An
     assert settings.grpc_host == "0.0.0.0"
     assert str(settings.snapshot_dir) == "/var/lib/ttaserve/snapshots"
     assert (settings.model_repository is None) == (values is None)
+    if values is not None:  # TLS files where the pod mounts the Secrets
+        deployment = by_kind(documents, "Deployment")["spec"]["template"]["spec"]
+        mounts = {m["name"]: m["mountPath"] for m in deployment["containers"][0]["volumeMounts"]}
+        secrets = {v["name"]: v["secret"]["secretName"] for v in deployment["volumes"] if "secret" in v}
+        assert secrets == {"tls": "ttaserve-tls", "client-ca": "camera-ca"}
+        assert (
+            settings.tls_cert == Path(mounts["tls"]) / "tls.crt" and settings.tls_key == Path(mounts["tls"]) / "tls.key"
+        )
+        assert settings.tls_client_ca == Path(mounts["client-ca"]) / "ca.crt"
+    else:
+        assert settings.tls_cert is None and settings.tls_client_ca is None
     for key in (k for k in config if k.startswith("model.")):
         folder = tmp_path / key.split(".")[1]
         folder.mkdir()
@@ -158,9 +170,14 @@ def test_deployment_probes_ports_grace_and_volumes(tmp_path: Path, values: dict[
     container = pod["containers"][0]
     drain = yaml.safe_load(by_kind(documents, "ConfigMap", "ttaserve")["data"]["settings.yaml"])["drain_timeout_s"]
     assert pod["terminationGracePeriodSeconds"] == math.ceil(drain) + 15
-    assert container["readinessProbe"]["grpc"] == {"port": 8001}  # the overall service: NOT_SERVING on drain
-    assert container["livenessProbe"]["grpc"] == {"port": 8001, "service": "liveness"}
-    assert container["startupProbe"]["grpc"] == {"port": 8001, "service": "liveness"}
+    if values is None:
+        assert container["readinessProbe"]["grpc"] == {"port": 8001}  # the overall service: NOT_SERVING on drain
+        assert container["livenessProbe"]["grpc"] == {"port": 8001, "service": "liveness"}
+        assert container["startupProbe"]["grpc"] == {"port": 8001, "service": "liveness"}
+    else:  # TLS: kubelet's gRPC probes cannot speak it; the metrics port's HTTP probes mean the same
+        assert container["readinessProbe"]["httpGet"] == {"path": "/v2/health/ready", "port": "metrics"}
+        assert container["livenessProbe"]["httpGet"] == {"path": "/v2/health/live", "port": "metrics"}
+        assert container["startupProbe"]["httpGet"] == {"path": "/v2/health/live", "port": "metrics"}
     assert {p["name"]: p["containerPort"] for p in container["ports"]} == {"http": 8000, "grpc": 8001, "metrics": 8002}
     service = by_kind(documents, "Service")
     assert {p["name"]: p["port"] for p in service["spec"]["ports"]} == {"http": 8000, "grpc": 8001, "metrics": 8002}
@@ -196,6 +213,12 @@ def test_a_bad_model_name_fails_the_render(tmp_path: Path) -> None:
     (tmp_path / "values.yaml").write_text(yaml.safe_dump({"models": {"../etc": {"platform": "pytorch"}}}))
     done = helm("template", "demo", str(CHART), "-f", str(tmp_path / "values.yaml"), check=False)
     assert done.returncode != 0 and "not a valid model name" in done.stderr
+
+
+def test_mutual_tls_without_tls_fails_the_render(tmp_path: Path) -> None:
+    (tmp_path / "values.yaml").write_text(yaml.safe_dump({"tls": {"clientCaSecretName": "camera-ca"}}))
+    done = helm("template", "demo", str(CHART), "-f", str(tmp_path / "values.yaml"), check=False)
+    assert done.returncode != 0 and "tls.clientCaSecretName needs tls.secretName" in done.stderr
 
 
 def test_init_container_assembles_a_loadable_repository(tmp_path: Path) -> None:

@@ -1,6 +1,6 @@
 """Graceful drain of a real server process: SIGTERM while a slow request is in flight. The server reports not-ready at
-once (health NOT_SERVING, ServerReady false; liveness stays SERVING), refuses new requests with UNAVAILABLE, finishes
-the in-flight one, snapshots its live sessions and exits 0."""
+once (health NOT_SERVING, ServerReady false, the metrics port's ready probe 503; liveness stays SERVING), refuses
+new requests with UNAVAILABLE, finishes the in-flight one, snapshots its live sessions and exits 0."""
 
 from __future__ import annotations
 
@@ -33,6 +33,7 @@ def test_sigterm_drains_in_flight_requests_and_snapshots_sessions(tmp_path: Path
         for i, sid in enumerate(("live-1", "live-2")):
             infer(client, real_images[8 * i : 8 * i + 8], "tent", sid, start=True)
         assert not snapshots.exists() or not any(snapshots.iterdir())
+        assert server.probe("/v2/health/ready") == 200
         big = np.resize(real_images, (BIG_BATCH, *real_images.shape[1:]))
         with ThreadPoolExecutor(1) as pool:
             # a TENT step on a 1024-image batch: seconds of work on one torch thread
@@ -42,6 +43,8 @@ def test_sigterm_drains_in_flight_requests_and_snapshots_sessions(tmp_path: Path
             signalled = time.monotonic()
             wait_until(lambda: server.health() == "NOT_SERVING", 10, "health NOT_SERVING after SIGTERM")
             assert server.health("liveness") == "SERVING"  # Kubernetes must not restart a draining pod
+            # the same over the metrics port's HTTP probes (what the chart probes when TLS is on)
+            assert server.probe("/v2/health/ready") == 503 and server.probe("/v2/health/live") == 200
             assert not client.is_server_ready()
             with pytest.raises(InferenceServerException) as refused:
                 infer(client, real_images[:2])

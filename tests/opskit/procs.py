@@ -128,6 +128,14 @@ class ServerProcess:
             status = stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=2).status
         return health_pb2.HealthCheckResponse.ServingStatus.Name(status)
 
+    def probe(self, path: str) -> int:
+        """The HTTP status of a health probe on the metrics port (``/v2/health/live`` or ``/v2/health/ready``)."""
+        try:
+            with urllib.request.urlopen(f"http://{LOOPBACK}:{self.metrics_port}{path}", timeout=5) as response:
+                return int(response.status)
+        except urllib.error.HTTPError as exc:
+            return exc.code
+
     def metric(self, name: str, **labels: str) -> float:
         """The sum of a metric's samples that carry ``labels``, read from the server's own endpoint."""
         text = urllib.request.urlopen(self.metrics_url, timeout=5).read().decode()

@@ -26,6 +26,8 @@ helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" }}
 {{/* Where things live in the container. */}}
 {{- define "ttaserve.repositoryPath" -}}/var/lib/ttaserve/models{{- end -}}
 {{- define "ttaserve.snapshotPath" -}}/var/lib/ttaserve/snapshots{{- end -}}
+{{- define "ttaserve.tlsPath" -}}/etc/ttaserve-tls{{- end -}}
+{{- define "ttaserve.clientCaPath" -}}/etc/ttaserve-client-ca{{- end -}}
 
 {{/* Whether the pod assembles a model repository (else the embedded default model is served). */}}
 {{- define "ttaserve.hasRepository" -}}
@@ -43,9 +45,29 @@ helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" }}
 {{- if include "ttaserve.hasRepository" . -}}
 {{- $_ := set $settings "model_repository" (include "ttaserve.repositoryPath" .) -}}
 {{- end -}}
+{{- if .Values.tls.secretName -}}
+{{- $_ := set $settings "tls_cert" (printf "%s/tls.crt" (include "ttaserve.tlsPath" .)) -}}
+{{- $_ := set $settings "tls_key" (printf "%s/tls.key" (include "ttaserve.tlsPath" .)) -}}
+{{- if .Values.tls.clientCaSecretName -}}
+{{- $_ := set $settings "tls_client_ca" (printf "%s/ca.crt" (include "ttaserve.clientCaPath" .)) -}}
+{{- end -}}
+{{- else if .Values.tls.clientCaSecretName -}}
+{{- fail "tls.clientCaSecretName needs tls.secretName: mutual TLS is TLS first" -}}
+{{- end -}}
 {{- toYaml $settings -}}
 {{- end -}}
 
 {{- define "ttaserve.terminationGracePeriodSeconds" -}}
 {{- add (ceil .Values.settings.drain_timeout_s | int) .Values.terminationGraceExtraSeconds -}}
+{{- end -}}
+
+{{/* The three probes: gRPC health checks in plaintext; HTTP GETs of the metrics port with TLS on. */}}
+{{- define "ttaserve.probe" -}}
+{{- if .root.Values.tls.secretName -}}
+httpGet: {path: {{ ternary "/v2/health/ready" "/v2/health/live" (eq .kind "readiness") }}, port: metrics}
+{{- else if eq .kind "readiness" -}}
+grpc: {port: {{ .root.Values.service.grpcPort }}}
+{{- else -}}
+grpc: {port: {{ .root.Values.service.grpcPort }}, service: liveness}
+{{- end -}}
 {{- end -}}
