@@ -33,7 +33,7 @@ from .repository import ModelRepository
 from .sessions import SessionTable
 from .settings import ServerSettings
 from .shared_memory import SharedMemoryRegistry
-from .tls import TlsConfig, load_tls
+from .tls import TlsReloader, load_tls
 
 log = logging.getLogger(__name__)
 
@@ -73,6 +73,7 @@ class ServerHandle:
     health: health.HealthServicer
     inflight: InflightTracker
     http: HttpFrontend | None
+    tls: TlsReloader | None
     #: the health service names that turn NOT_SERVING on drain
     readiness_services: tuple[str, ...] = ()
     _stopped: threading.Event = field(default_factory=threading.Event)
@@ -104,6 +105,8 @@ class ServerHandle:
         self._stopped.set()
         if self.http is not None:
             self.http.stop()
+        if self.tls is not None:
+            self.tls.stop()
         self.server.stop(grace_s).wait()
         self.metrics.close()
         self.repository.close()
@@ -141,14 +144,15 @@ def _grpc_server(settings: ServerSettings) -> tuple[grpc.Server | NativeServer, 
     return server, "python"
 
 
-def _bind_and_start(server: grpc.Server | NativeServer, address: str, tls: TlsConfig | None) -> int:
+def _bind_and_start(server: grpc.Server | NativeServer, address: str, tls: TlsReloader | None) -> int:
     """Bind ``address`` (with TLS when ``tls`` is given), start serving, and return the bound port; RuntimeError when
     the address cannot be bound."""
     if isinstance(server, NativeServer):
         if tls is None:
             server.add_insecure_port(address)
         else:
-            server.add_secure_port(address, tls.private_key, tls.cert_chain, tls.client_ca)
+            files = tls.checked_copy()
+            server.add_secure_port(address, files.key_file, files.cert_file, files.client_ca_file, tls.interval_s)
         try:
             server.start()
         except RuntimeError as exc:
@@ -187,7 +191,8 @@ def _start_server(settings: ServerSettings) -> ServerHandle:
         torch.backends.cudnn.allow_tf32 = False
         torch.backends.cuda.matmul.allow_tf32 = False
     device = resolve_device(settings.device)
-    tls = load_tls(settings.tls_cert, settings.tls_key, settings.tls_client_ca)  # before anything slow
+    tls_files = load_tls(settings.tls_cert, settings.tls_key, settings.tls_client_ca)  # before anything slow
+    tls = None if tls_files is None else TlsReloader(tls_files, settings.tls_reload_interval_s)
     # build or load the C normalisation kernels now (~0.3 s once), not inside a first request
     kernels = "loaded" if native.kernels() is not None else "unavailable"
     server, frontend = _grpc_server(settings)  # first: a front end that cannot be built fails before any loading
@@ -233,7 +238,12 @@ def _start_server(settings: ServerSettings) -> ServerHandle:
         server,
         pool=reflection_pool(),
     )
-    port = _bind_and_start(server, f"{settings.grpc_host}:{settings.grpc_port}", tls)
+    try:
+        port = _bind_and_start(server, f"{settings.grpc_host}:{settings.grpc_port}", tls)
+    except RuntimeError:
+        if tls is not None:
+            tls.stop()
+        raise
     http = None
     if settings.http_port is not None:
         http = HttpFrontend(
@@ -241,13 +251,19 @@ def _start_server(settings: ServerSettings) -> ServerHandle:
             adaptation_servicer,
             max_body_bytes=settings.max_message_mb * 1024 * 1024,
             max_connections=settings.http_max_connections,
-            ssl_context=None if tls is None else tls.ssl_context(),
+            ssl_context=None if tls is None else tls.config.ssl_context(),
         )
         try:
             http.start(settings.grpc_host, settings.http_port)
         except RuntimeError:
             server.stop(0).wait()
+            if tls is not None:
+                tls.stop()
             raise
+    if tls is not None:
+        if http is not None:
+            tls.on_reload(lambda config: http.use_ssl_context(config.ssl_context()))
+        tls.start()
     metrics.server_info.info(
         {
             "version": server_version(),
@@ -277,6 +293,7 @@ def _start_server(settings: ServerSettings) -> ServerHandle:
         health=health_servicer,
         inflight=inflight,
         http=http,
+        tls=tls,
         readiness_services=readiness_services,
     )
     _start_sweeper(handle)
@@ -285,7 +302,7 @@ def _start_server(settings: ServerSettings) -> ServerHandle:
         settings.grpc_host,
         port,
         frontend,
-        "plaintext" if tls is None else ("mutual TLS" if tls.mutual else "TLS"),
+        "plaintext" if tls is None else ("mutual TLS" if tls.config.mutual else "TLS"),
         handle.http_port if handle.http_port is not None else "off",
         metrics_port if metrics_port is not None else "off",
         ", ".join(f"{m.name}/{m.version}" for m in repository.loaded()) or "none",

@@ -25,6 +25,8 @@
 
 #include <grpcpp/generic/async_generic_service.h>
 #include <grpcpp/grpcpp.h>
+#include <grpcpp/security/tls_certificate_provider.h>
+#include <grpcpp/security/tls_credentials_options.h>
 
 #include <atomic>
 #include <chrono>
@@ -119,18 +121,23 @@ class Frontend {
 
   int AddPort(const char* address) { return Listen(address, grpc::InsecureServerCredentials()); }
 
-  // A TLS port; with client_ca (not null), clients must present a certificate it signed, and every start record
-  // carries the verified certificate's auth properties.
-  int AddSecurePort(const char* address, const char* private_key, const char* cert_chain, const char* client_ca) {
-    grpc::SslServerCredentialsOptions options(client_ca == nullptr
-                                                  ? GRPC_SSL_DONT_REQUEST_CLIENT_CERTIFICATE
-                                                  : GRPC_SSL_REQUEST_AND_REQUIRE_CLIENT_CERTIFICATE_AND_VERIFY);
-    options.pem_key_cert_pairs.push_back({private_key, cert_chain});
-    if (client_ca != nullptr) {
-      options.pem_root_certs = client_ca;
+  // A TLS port serving the key and certificate chain at these paths, re-read every refresh_s seconds so that a
+  // rotated certificate is served without a restart; with client_ca_path (not null), clients must present a
+  // certificate that bundle signed, and every start record carries the verified certificate's auth properties.
+  int AddSecurePort(const char* address, const char* key_path, const char* cert_path, const char* client_ca_path,
+                    unsigned int refresh_s) {
+    auto files = std::make_shared<grpc::experimental::FileWatcherCertificateProvider>(
+        key_path, cert_path, client_ca_path == nullptr ? "" : client_ca_path, refresh_s);
+    grpc::experimental::TlsServerCredentialsOptions options(files);
+    options.watch_identity_key_cert_pairs();
+    if (client_ca_path == nullptr) {
+      options.set_cert_request_type(GRPC_SSL_DONT_REQUEST_CLIENT_CERTIFICATE);
+    } else {
+      options.watch_root_certs();
+      options.set_cert_request_type(GRPC_SSL_REQUEST_AND_REQUIRE_CLIENT_CERTIFICATE_AND_VERIFY);
       authenticated_ = true;
     }
-    return Listen(address, grpc::SslServerCredentials(options));
+    return Listen(address, grpc::experimental::TlsServerCredentials(options));
   }
 
   int Port(int index) const { return ports_.at(index); }
@@ -475,9 +482,9 @@ int ttaserve_frontend_add_port(void* frontend, const char* address) {
   return static_cast<Frontend*>(frontend)->AddPort(address);
 }
 
-int ttaserve_frontend_add_secure_port(void* frontend, const char* address, const char* private_key,
-                                      const char* cert_chain, const char* client_ca) {
-  return static_cast<Frontend*>(frontend)->AddSecurePort(address, private_key, cert_chain, client_ca);
+int ttaserve_frontend_add_secure_port(void* frontend, const char* address, const char* key_path,
+                                      const char* cert_path, const char* client_ca_path, unsigned int refresh_s) {
+  return static_cast<Frontend*>(frontend)->AddSecurePort(address, key_path, cert_path, client_ca_path, refresh_s);
 }
 
 int ttaserve_frontend_port(void* frontend, int index) { return static_cast<Frontend*>(frontend)->Port(index); }

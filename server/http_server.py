@@ -473,18 +473,20 @@ class _Server(ThreadingHTTPServer):
         self.address_family = socket.AF_INET6 if ":" in address[0] else socket.AF_INET
         self._slots = threading.BoundedSemaphore(max_connections)
         self._busy = _busy_response(max_connections)
-        self._ssl_context = ssl_context
+        #: replaced when a rotated certificate is loaded; each connection takes the one current at its accept
+        self.ssl_context = ssl_context
         super().__init__(address, handler)
 
     def get_request(self) -> tuple[socket.socket, Any]:
         connection, client_address = super().get_request()
-        if self._ssl_context is not None:  # no I/O yet: the handler's thread does the handshake
-            connection = self._ssl_context.wrap_socket(connection, server_side=True, do_handshake_on_connect=False)
+        context = self.ssl_context
+        if context is not None:  # no I/O yet: the handler's thread does the handshake
+            connection = context.wrap_socket(connection, server_side=True, do_handshake_on_connect=False)
         return connection, client_address
 
     def process_request(self, request: Any, client_address: Any) -> None:
         if not self._slots.acquire(blocking=False):
-            if self._ssl_context is None:
+            if self.ssl_context is None:
                 with contextlib.suppress(OSError):  # a client that is gone already needs no answer
                     request.sendall(self._busy)
             self.shutdown_request(request)
@@ -535,6 +537,12 @@ class HttpFrontend:
         self.port = self._server.server_address[1]
         threading.Thread(target=self._server.serve_forever, name="ttaserve-http", daemon=True).start()
         return self.port
+
+    def use_ssl_context(self, context: ssl.SSLContext) -> None:
+        """Serve new connections with ``context`` (a rotated certificate); open ones keep theirs."""
+        self._ssl_context = context
+        if self._server is not None:
+            self._server.ssl_context = context
 
     def stop(self) -> None:
         if self._server is not None:

@@ -86,7 +86,7 @@ def load_library() -> ctypes.CDLL:
             library.ttaserve_frontend_add_unary_method.argtypes = [_PTR, ctypes.c_char_p]
             library.ttaserve_frontend_add_unary_method.restype = None
             library.ttaserve_frontend_add_port.argtypes = [_PTR, ctypes.c_char_p]
-            library.ttaserve_frontend_add_secure_port.argtypes = [_PTR, *[ctypes.c_char_p] * 4]
+            library.ttaserve_frontend_add_secure_port.argtypes = [_PTR, *[ctypes.c_char_p] * 4, ctypes.c_uint]
             library.ttaserve_frontend_port.argtypes = [_PTR, ctypes.c_int]
             library.ttaserve_frontend_start.argtypes = [_PTR, ctypes.c_int]
             library.ttaserve_frontend_write.argtypes = [_PTR, _U64, _PTR, _SIZE]
@@ -400,11 +400,20 @@ class NativeServer(_HandlerTable):
         self._ports.append(index)
         return index
 
-    def add_secure_port(self, address: str, private_key: bytes, cert_chain: bytes, client_ca: bytes | None) -> int:
-        """A TLS listening address (PEM key and certificate chain); with ``client_ca``, clients must present a
-        certificate it signed."""
+    def add_secure_port(
+        self, address: str, key_file: Path, cert_file: Path, client_ca_file: Path | None, refresh_s: float
+    ) -> int:
+        """A TLS listening address serving the PEM key and certificate chain in these files, re-read every
+        ``refresh_s`` seconds (at least 1; gRPC counts whole seconds); with ``client_ca_file``, clients must
+        present a certificate that bundle signed."""
+        client_ca = None if client_ca_file is None else str(client_ca_file).encode()
         index = self.library.ttaserve_frontend_add_secure_port(
-            self.frontend, address.encode(), private_key, cert_chain, client_ca
+            self.frontend,
+            address.encode(),
+            str(key_file).encode(),
+            str(cert_file).encode(),
+            client_ca,
+            max(1, round(refresh_s)),
         )
         self._ports.append(index)
         return index

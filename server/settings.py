@@ -60,6 +60,8 @@ class ServerSettings(BaseSettings):
     tls_key: Path | None = None
     #: mutual TLS: clients must present a certificate this PEM CA bundle signed, and its name becomes the caller
     tls_client_ca: Path | None = None
+    #: how often the TLS files are read again, so a rotated certificate is served without a restart
+    tls_reload_interval_s: float = Field(default=60.0, gt=0)
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
 
     @classmethod

@@ -4,8 +4,12 @@ clients refused without harming the server; under mutual TLS, callers named by t
 
 from __future__ import annotations
 
+import asyncio
 import functools
+import os
+import socket
 import ssl
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,7 +23,8 @@ import trustme
 from support import CIFAR_INPUT, CIFAR_LABELS, CIFAR_PREPROCESSING, native_frontend_or_skip, seeded_resnet20, start
 from support import write_model as write_model_folder
 
-from ttaserve.client import BatchResult, Client
+from opskit.procs import wait_until
+from ttaserve.client import AsyncClient, BatchResult, Client
 from ttaserve.client.cli import main as cli_main
 from ttaserve.client.errors import NotFound, Unavailable
 from ttaserve.protocol import kserve_v2_pb2 as pb
@@ -213,6 +218,19 @@ def test_mutual_tls_needs_a_client_certificate_from_the_ca(mtls_server: ServerHa
     np.testing.assert_array_equal(over_grpc, over_rest)
 
 
+def test_async_client_over_mutual_tls(mtls_server: ServerHandle, pki: Pki) -> None:
+    cert, key = pki.clients["camera-1"]
+
+    async def run() -> None:
+        url = f"grpcs://localhost:{mtls_server.grpc_port}"
+        client = AsyncClient(url, root_certificates=pki.ca, certificate_chain=cert, private_key=key)
+        async with client, client.session("async", model="resnet", strategy="unmix_tns") as session:
+            assert (await session.classify(_pixels(2))).session_steps == 1
+            assert (await session.info()).caller == "camera-1"
+
+    asyncio.run(run())
+
+
 def test_cli_presents_a_client_certificate(mtls_server: ServerHandle, pki: Pki, capsys) -> None:
     cert, key = pki.clients["camera-2"]
     url = f"localhost:{mtls_server.grpc_port}"
@@ -308,3 +326,52 @@ def test_serve_refuses_a_mismatched_key_in_one_line(pki: Pki, repo: Path, capsys
     assert code == 1
     assert f"tls_key {other_key} does not match" in error
     assert len(error.strip().splitlines()) == 1
+
+
+def _serves_certificate_of(url: str, ca: bytes) -> bool:
+    """Whether a new gRPC connection that trusts only ``ca`` gets through."""
+    try:
+        with Client(url, root_certificates=ca, timeout_s=5) as client:
+            return client.live()
+    except Unavailable:
+        return False
+
+
+def _rest_trusts(port: int, ca: bytes) -> bool:
+    context = ssl.create_default_context(cadata=ca.decode())
+    try:
+        with (
+            socket.create_connection(("localhost", port), timeout=5) as raw,
+            context.wrap_socket(raw, server_hostname="localhost"),
+        ):
+            return True
+    except ssl.SSLError:
+        return False
+
+
+@pytest.mark.parametrize("frontend", ["native", "python"])
+def test_a_rotated_certificate_is_served_without_a_restart(frontend: str, repo: Path, pki: Pki, tmp_path: Path) -> None:
+    """The files are replaced as kubelet replaces a Secret's (renamed into place); new connections get the new
+    certificate within the reload interval. A broken replacement (a key that does not match) is not taken."""
+    if frontend == "native":
+        native_frontend_or_skip()
+    cert, key = tmp_path / "tls.crt", tmp_path / "tls.key"
+    cert.write_bytes(pki.server_cert.read_bytes())
+    key.write_bytes(pki.server_key.read_bytes())
+    old_ca, new_ca = pki.ca.read_bytes(), trustme.CA()
+    handle = start(repo, frontend=frontend, tls_cert=cert, tls_key=key, tls_reload_interval_s=0.5)
+    url = f"localhost:{handle.grpc_port}"
+    try:
+        assert _serves_certificate_of(url, old_ca) and not _serves_certificate_of(url, new_ca.cert_pem.bytes())
+        assert _rest_trusts(handle.http_port, old_ca)
+
+        new_cert, new_key = _write_leaf(new_ca.issue_cert("localhost"), tmp_path, "new")
+        key.write_bytes(new_key.read_bytes())  # the key alone: it does not match the served certificate yet
+        time.sleep(2.5)
+        assert _serves_certificate_of(url, old_ca) and _rest_trusts(handle.http_port, old_ca)
+        os.replace(new_cert, cert)
+        wait_until(lambda: _serves_certificate_of(url, new_ca.cert_pem.bytes()), 10, "gRPC serving the new one")
+        wait_until(lambda: _rest_trusts(handle.http_port, new_ca.cert_pem.bytes()), 10, "REST serving the new one")
+        assert not _serves_certificate_of(url, old_ca)
+    finally:
+        handle.stop()
