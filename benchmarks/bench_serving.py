@@ -10,6 +10,7 @@ cost alone), so the ratio charges the server for all of its work.
     python benchmarks/bench_serving.py [--rounds 5] [--seconds 2] [--engine onnx|torch-cuda]
                                        [--batch-sizes 1 64] [--clients 1 4] [--frontends native python]
                                        [--instances 1 2] [--transports message shm http]
+                                       [--security plain tls]
 
 Each gRPC front end (``--frontends``: the native C++ one and grpcio's Python server) and each model ``instances``
 count (``--instances``: forwards that may run at once, each with cores / instances ONNX Runtime threads) gets a
@@ -21,6 +22,9 @@ shared-memory extension, for a client on the same host): the messages then carry
 ``--transports http`` measures ``tritonclient.http`` against the server's v2 REST port (binary tensor data both
 ways, the client's default).
 
+``--security tls`` serves (and measures) each server also with TLS on both ports, from a throwaway CA (trustme):
+what encrypting the requests and responses costs, against plaintext in the same rounds.
+
 ``--engine torch-cuda`` serves the PyTorch model on the GPU and compares with the same network's in-process CUDA
 forward (synchronised), for machines whose ONNX Runtime has no CUDA provider.
 """
@@ -30,6 +34,7 @@ from __future__ import annotations
 import argparse
 import os
 import socket
+import ssl
 import statistics
 import subprocess
 import sys
@@ -91,7 +96,29 @@ def make_repository(root: Path, onnx_bytes: bytes, state_dict: dict | None = Non
     (model_dir / "config.yaml").write_text(yaml.safe_dump(config))
 
 
-def start_server(repo: Path, port: int, http_port: int, device: str, frontend: str) -> subprocess.Popen:
+@dataclass(frozen=True)
+class Pki:
+    """A throwaway CA and a certificate for 127.0.0.1, as PEM files."""
+
+    ca: Path
+    cert: Path
+    key: Path
+
+    @classmethod
+    def create(cls, folder: Path) -> Pki:
+        import trustme
+
+        ca = trustme.CA()
+        leaf = ca.issue_cert("127.0.0.1")
+        ca.cert_pem.write_to_path(str(folder / "ca.pem"))
+        leaf.cert_chain_pems[0].write_to_path(str(folder / "cert.pem"))
+        leaf.private_key_pem.write_to_path(str(folder / "key.pem"))
+        return cls(folder / "ca.pem", folder / "cert.pem", folder / "key.pem")
+
+
+def start_server(
+    repo: Path, port: int, http_port: int, device: str, frontend: str, pki: Pki | None
+) -> subprocess.Popen:
     command = [
         sys.executable,
         "-m",
@@ -113,9 +140,11 @@ def start_server(repo: Path, port: int, http_port: int, device: str, frontend: s
         frontend,
         "--allow-shared-memory",
     ]
+    if pki is not None:
+        command += ["--tls-cert", str(pki.cert), "--tls-key", str(pki.key)]
     # cwd: the server writes session snapshots under its working directory
     process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, cwd=repo)
-    client = tc.InferenceServerClient(f"127.0.0.1:{port}")
+    client = grpc_client(f"127.0.0.1:{port}", pki)
     deadline = time.time() + 60
     while time.time() < deadline:
         try:
@@ -187,28 +216,43 @@ def request_tensors(
             shm.destroy_shared_memory_region(handle)
 
 
+def grpc_client(url: str, pki: Pki | None) -> tc.InferenceServerClient:
+    if pki is None:
+        return tc.InferenceServerClient(url)
+    return tc.InferenceServerClient(url, ssl=True, root_certificates=str(pki.ca))
+
+
+def http_client(url: str, pki: Pki | None) -> th.InferenceServerClient:
+    if pki is None:
+        return th.InferenceServerClient(url)
+    context = ssl.create_default_context(cafile=str(pki.ca))
+    return th.InferenceServerClient(url, ssl=True, ssl_context_factory=lambda: context)
+
+
 @contextmanager
 def connected(
-    urls: dict[str, str], batch: np.ndarray, transport: str
+    urls: dict[str, str], batch: np.ndarray, transport: str, pki: Pki | None
 ) -> Iterator[tuple[Callable[..., object], list[object], list[object]]]:
-    """A client of the transport, with the request's input and output ready to send."""
+    """A client of the transport (over TLS when ``pki`` is given), with the request's input and output ready."""
     if transport == "http":
-        with th.InferenceServerClient(urls["http"]) as client:
+        with http_client(urls["http"], pki) as client:
             tensor = th.InferInput("input", list(batch.shape), "UINT8")
             tensor.set_data_from_numpy(batch)
             yield client.infer, [tensor], [th.InferRequestedOutput("logits")]
         return
-    with tc.InferenceServerClient(urls["grpc"]) as client, request_tensors(client, batch, transport) as tensors:
+    with grpc_client(urls["grpc"], pki) as client, request_tensors(client, batch, transport) as tensors:
         yield client.infer, *tensors
 
 
-def run_served(urls: dict[str, str], batch: np.ndarray, clients: int, seconds: float, transport: str) -> Measurement:
+def run_served(
+    urls: dict[str, str], batch: np.ndarray, clients: int, seconds: float, transport: str, pki: Pki | None
+) -> Measurement:
     latencies: list[list[float]] = [[] for _ in range(clients)]
     barrier = threading.Barrier(clients + 1)
     stop_at = [0.0]
 
     def worker(index: int) -> None:
-        with connected(urls, batch, transport) as (infer, inputs, outputs):
+        with connected(urls, batch, transport, pki) as (infer, inputs, outputs):
             infer("resnet20", inputs, outputs=outputs)  # warm the connection
             barrier.wait()
             while time.perf_counter() < stop_at[0]:
@@ -243,6 +287,7 @@ def main() -> None:
     parser.add_argument("--frontends", nargs="+", choices=("native", "python"), default=["native", "python"])
     parser.add_argument("--instances", type=int, nargs="+", default=[1])
     parser.add_argument("--transports", nargs="+", choices=("message", "shm", "http"), default=["message"])
+    parser.add_argument("--security", nargs="+", choices=("plain", "tls"), default=["plain"])
     args = parser.parse_args()
 
     model = build_architecture("cifar_resnet20")
@@ -261,32 +306,44 @@ def main() -> None:
     forward = cuda_forward(model) if on_gpu else onnx_forward(session)
 
     rng = np.random.default_rng(0)
-    servers = [(f, n) for f in args.frontends for n in args.instances]
+    servers = [(f, n, sec) for f in args.frontends for n in args.instances for sec in args.security]
     scenarios = [
-        (f, n, b, c, t) for b in args.batch_sizes for c in args.clients for f, n in servers for t in args.transports
+        (f, n, sec, b, c, t)
+        for b in args.batch_sizes
+        for c in args.clients
+        for f, n, sec in servers
+        for t in args.transports
     ]
     batches = {b: rng.integers(0, 256, (b, 32, 32, 3), dtype=np.uint8) for b in args.batch_sizes}
-    ratios: dict[tuple[str, int, int, int, str], list[float]] = {s: [] for s in scenarios}
-    served: dict[tuple[str, int, int, int, str], list[Measurement]] = {s: [] for s in scenarios}
+    ratios: dict[tuple[str, int, str, int, int, str], list[float]] = {s: [] for s in scenarios}
+    served: dict[tuple[str, int, str, int, int, str], list[Measurement]] = {s: [] for s in scenarios}
     baseline: dict[int, list[Measurement]] = {b: [] for b in args.batch_sizes}
 
     with tempfile.TemporaryDirectory() as tmp:
         for instances in args.instances:
             repo = Path(tmp) / f"instances-{instances}"
             make_repository(repo, onnx_bytes, model.state_dict() if on_gpu else None, instances)
+        pki = Pki.create(Path(tmp)) if "tls" in args.security else None
         ports = {server: (free_port(), free_port()) for server in servers}
         processes = [
-            start_server(Path(tmp) / f"instances-{instances}", *server_ports, "cuda" if on_gpu else "cpu", frontend)
-            for (frontend, instances), server_ports in ports.items()
+            start_server(
+                Path(tmp) / f"instances-{instances}",
+                *server_ports,
+                "cuda" if on_gpu else "cpu",
+                frontend,
+                pki if security == "tls" else None,
+            )
+            for (frontend, instances, security), server_ports in ports.items()
         ]
         try:
             for _ in range(args.rounds):
                 for scenario in scenarios:
-                    frontend, instances, batch_size, clients, transport = scenario
+                    frontend, instances, security, batch_size, clients, transport = scenario
                     reference = run_in_process(forward, batches[batch_size], args.seconds)
-                    grpc_port, http_port = ports[(frontend, instances)]
+                    grpc_port, http_port = ports[(frontend, instances, security)]
                     urls = {"grpc": f"127.0.0.1:{grpc_port}", "http": f"127.0.0.1:{http_port}"}
-                    measured = run_served(urls, batches[batch_size], clients, args.seconds, transport)
+                    scenario_pki = pki if security == "tls" else None
+                    measured = run_served(urls, batches[batch_size], clients, args.seconds, transport, scenario_pki)
                     baseline[batch_size].append(reference)
                     served[scenario].append(measured)
                     ratios[scenario].append(measured.images_per_s / reference.images_per_s)
@@ -304,19 +361,19 @@ def main() -> None:
         f"{args.rounds} interleaved rounds of {args.seconds:.1f} s"
     )
     print(
-        "| front end | instances | tensors in | batch | clients | served img/s | in-process img/s | ratio (median) "
-        "| served p50 ms | served p99 ms | in-process p50 ms | added p50 ms |"
+        "| front end | instances | security | tensors in | batch | clients | served img/s | in-process img/s "
+        "| ratio (median) | served p50 ms | served p99 ms | in-process p50 ms | added p50 ms |"
     )
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for scenario in scenarios:
-        frontend, instances, batch_size, clients, transport = scenario
+        frontend, instances, security, batch_size, clients, transport = scenario
         runs = served[scenario]
         refs = baseline[batch_size]
         lat = [x for m in runs for x in m.latencies_ms]
         ref_lat = [x for m in refs for x in m.latencies_ms]
         p50, ref_p50 = percentile(lat, 50), percentile(ref_lat, 50)
         print(
-            f"| {frontend} | {instances} | {transport} | {batch_size} | {clients} "
+            f"| {frontend} | {instances} | {security} | {transport} | {batch_size} | {clients} "
             f"| {statistics.median(m.images_per_s for m in runs):.0f} "
             f"| {statistics.median(m.images_per_s for m in refs):.0f} "
             f"| {statistics.median(ratios[scenario]):.2f} | {p50:.3f} "

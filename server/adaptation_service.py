@@ -117,6 +117,7 @@ class AdaptationServicer(adaptation_pb2_grpc.AdaptationServicer):
                 session.marginal = None
                 session.resets += 1
                 session.last_stats = {}
+                session.last_request = None
             self.metrics.session_resets.labels(key.model, key.strategy, "manual").inc()
             return apb.ResetSessionResponse(session=session_info(session))
 

@@ -39,6 +39,10 @@ class Unavailable(ServingError):
     code = grpc.StatusCode.UNAVAILABLE
 
 
+class DeadlineExceeded(ServingError):
+    code = grpc.StatusCode.DEADLINE_EXCEEDED
+
+
 class Unimplemented(ServingError):
     """Not supported, or not enabled in this server's settings."""
 

@@ -5,10 +5,11 @@ Transport-agnostic: the gRPC servicer calls ``Pipeline.infer`` for unary and str
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import torch
@@ -18,7 +19,7 @@ from ttaserve.protocol import kserve_v2_pb2 as pb
 
 from . import compute
 from .codec import encode_bytes_elements, set_parameter
-from .errors import FailedPrecondition, InvalidArgument, NotFound, ServingError, Unavailable
+from .errors import DeadlineExceeded, FailedPrecondition, InvalidArgument, NotFound, ServingError, Unavailable
 from .loaded_model import LoadedModel
 from .metrics import UNKNOWN, Metrics, observe_all
 from .model_config import SessionSettings
@@ -51,6 +52,19 @@ class RunResult:
     batch_size: int = 0
 
 
+def _replay(session: Session, request_id: str, digest: bytes) -> RunResult | None:
+    """The answer of the session's last applied request when this one retries it; None for a new request."""
+    if not request_id or session.last_request is None or session.last_request[0] != request_id:
+        return None
+    _id, applied_digest, result = session.last_request
+    if applied_digest != digest:
+        raise InvalidArgument(
+            f"request id {request_id!r} was already applied to session {session.key.sequence_id!r} with other "
+            "inputs; give each batch its own id"
+        )
+    return replace(result, queue_ns=0, infer_ns=0, session_event="replayed")
+
+
 class Pipeline:
     def __init__(
         self,
@@ -80,7 +94,7 @@ class Pipeline:
             strategy = parsed.strategy
             check_output_space(parsed, model)
             parsed_ns = time.perf_counter_ns()
-            result = self._run(model, parsed, caller, deadline)
+            result = self._run(model, parsed, caller, deadline, request.id)
             run_ns = time.perf_counter_ns()
             probabilities = softmax(result.logits)
             response = build_response(request, model, parsed, result, probabilities)
@@ -107,9 +121,11 @@ class Pipeline:
 
     # --- running a batch --------------------------------------------------------------------------------------
 
-    def _run(self, model: LoadedModel, parsed: ParsedRequest, caller: str, deadline: float | None) -> RunResult:
+    def _run(
+        self, model: LoadedModel, parsed: ParsedRequest, caller: str, deadline: float | None, request_id: str
+    ) -> RunResult:
         if parsed.session is not None:
-            return self._run_session(model, parsed, parsed.session, caller, deadline)
+            return self._run_session(model, parsed, parsed.session, caller, deadline, request_id)
         if parsed.strategy == "none":
             return self._run_source(model, parsed.images)
         return self._run_stateless(model, parsed, deadline)
@@ -132,10 +148,20 @@ class Pipeline:
         return RunResult(logits, stats=step.stats, infer_ns=infer_ns, variant=strategy.variant(parsed.settings))
 
     def _run_session(
-        self, model: LoadedModel, parsed: ParsedRequest, request: SessionRequest, caller: str, deadline: float | None
+        self,
+        model: LoadedModel,
+        parsed: ParsedRequest,
+        request: SessionRequest,
+        caller: str,
+        deadline: float | None,
+        request_id: str,
     ) -> RunResult:
+        """One step of a session, applied exactly once: a request whose deadline passed while it waited for the
+        session is refused unapplied (its client has given up and may retry), and a retried request (the same
+        ``id`` and inputs as the session's last applied one) gets that request's answer again."""
         key = SessionKey(caller, model.name, parsed.strategy, request.sequence_id)
         strategy = model.strategy(parsed.strategy)
+        digest = hashlib.blake2b(parsed.images.tobytes(), digest_size=16).digest() if request_id else b""
         session, event = self._open_session(model, key, parsed, request.start, deadline)
         if event:
             self.metrics.sessions_opened.labels(model.name, parsed.strategy, event).inc()
@@ -143,6 +169,15 @@ class Pipeline:
         with session.lock.hold():
             if session.ended:
                 raise NotFound(f"session {request.sequence_id!r} ended while this request waited for it")
+            replayed = _replay(session, request_id, digest)
+            if replayed is not None:
+                return replayed
+            if deadline is not None and time.monotonic() >= deadline:
+                waited = (time.perf_counter_ns() - enqueued) / 1e9
+                raise DeadlineExceeded(
+                    f"the deadline passed while the request waited {waited:.3f} s for session "
+                    f"{request.sequence_id!r}; its batch was not applied"
+                )
             self._check_same_weights(model, session)
             start = time.perf_counter_ns()
             x = torch.from_numpy(parsed.images).to(model.device)
@@ -167,19 +202,22 @@ class Pipeline:
             if every and session.steps % every == 0 and not request.end:
                 self.sessions.snapshot(session)
             steps = session.steps
+            result = RunResult(
+                logits.cpu().numpy(),
+                stats=step.stats,
+                queue_ns=start - enqueued,
+                infer_ns=infer_ns,
+                session_steps=steps,
+                session_event=event,
+                variant=strategy.variant(session.settings),
+            )
+            if request_id:
+                session.last_request = (request_id, digest, result)
         model.statistics.record_execution(len(logits), infer_ns)
         if request.end:
             self.sessions.remove(key, "ended")
             self.sessions.delete_snapshot(key)
-        return RunResult(
-            logits.cpu().numpy(),
-            stats=step.stats,
-            queue_ns=start - enqueued,
-            infer_ns=infer_ns,
-            session_steps=steps,
-            session_event=event,
-            variant=strategy.variant(session.settings),
-        )
+        return result
 
     def _open_session(
         self, model: LoadedModel, key: SessionKey, parsed: ParsedRequest, start: bool, deadline: float | None

@@ -20,6 +20,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -82,6 +83,9 @@ class Session:
     marginal: torch.Tensor | None = None
     lock: _FifoLock = field(default_factory=_FifoLock, repr=False)
     ended: bool = False
+    #: the last applied request that carried an id: (id, digest of its inputs, its result), so that a client that
+    #: retries it (its answer was lost) gets the same answer instead of adapting on the batch twice
+    last_request: tuple[str, bytes, Any] | None = field(default=None, repr=False)
 
     @property
     def steps(self) -> int:

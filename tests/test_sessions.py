@@ -4,6 +4,7 @@ restart, the collapse guard, and the Adaptation service."""
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -16,9 +17,11 @@ import tritonclient.grpc as tc
 from support import CIFAR_INPUT, CIFAR_PREPROCESSING, seeded_resnet20, start, write_model
 from tritonclient.utils import InferenceServerException
 
+from opskit.procs import wait_until
 from ttaserve.protocol import adaptation_pb2 as apb
 from ttaserve.protocol import adaptation_pb2_grpc
 from ttaserve.server.app import ServerHandle
+from ttaserve.server.sessions import SessionKey
 
 STATEFUL = ("tent", "unmix_tns")
 
@@ -36,6 +39,8 @@ def infer(
     start: bool = False,
     end: bool = False,
     model: str = "resnet",
+    request_id: str = "",
+    timeout_s: float | None = None,
     **settings: object,
 ) -> tc.InferResult:
     tensor = tc.InferInput("input", list(batch.shape), "UINT8")
@@ -49,6 +54,8 @@ def infer(
         sequence_id=sequence_id,
         sequence_start=start,
         sequence_end=end,
+        request_id=request_id,
+        client_timeout=timeout_s,
     )
 
 
@@ -115,6 +122,66 @@ def test_session_lifecycle_and_response_parameters(url: str, real_images: np.nda
             apb.GetSessionRequest(key=apb.SessionKey(model_name="resnet", strategy="tent", sequence_id="life"))
         )
     assert rpc_error.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+def _steps(adaptation, sequence_id: str, strategy: str = "tent") -> int:
+    key = apb.SessionKey(model_name="resnet", strategy=strategy, sequence_id=sequence_id)
+    return adaptation.GetSession(apb.GetSessionRequest(key=key)).session.steps
+
+
+def test_a_retried_request_gets_its_answer_again_and_adapts_once(url: str, real_images: np.ndarray, adaptation) -> None:
+    """A client whose answer was lost retries with the same request id: the session is not stepped twice."""
+    client = tc.InferenceServerClient(url)
+    batches = stream_of(real_images, 11, batches=2)
+    plain = run_stream(url, batches, "tent", "retry-reference")
+    first = infer(client, batches[0], "tent", "retry", start=True, request_id="frame-1")
+    again = infer(client, batches[0], "tent", "retry", request_id="frame-1")
+    np.testing.assert_array_equal(again.as_numpy("logits"), first.as_numpy("logits"))
+    params = again.get_response().parameters
+    assert params["tta_session_steps"].int64_param == 1 and params["tta_session_event"].string_param == "replayed"
+    assert again.get_response().id == "frame-1"
+    assert _steps(adaptation, "retry") == 1
+    with pytest.raises(InferenceServerException) as reused:
+        infer(client, batches[1], "tent", "retry", request_id="frame-1")
+    assert reused.value.status() == "StatusCode.INVALID_ARGUMENT" and "with other inputs" in reused.value.message()
+    second = infer(client, batches[1], "tent", "retry", end=True, request_id="frame-2")
+    # the same outputs as the stream sent once without ids: the retry adapted nothing
+    np.testing.assert_array_equal(second.as_numpy("logits"), plain[1])
+    assert second.get_response().parameters["tta_session_steps"].int64_param == 2
+
+
+def test_a_request_whose_deadline_passes_while_it_waits_is_not_applied(tmp_path: Path, real_images: np.ndarray) -> None:
+    """Its client has seen DEADLINE_EXCEEDED and will retry: applying it anyway would adapt on the batch twice."""
+    config = {"platform": "pytorch", "architecture": "cifar_resnet20", "input": CIFAR_INPUT, "max_batch_size": 1024}
+    write_model(
+        tmp_path / "repo",
+        "resnet",
+        {**config, "preprocessing": CIFAR_PREPROCESSING},
+        {1: seeded_resnet20(0).state_dict()},
+    )
+    server = start(tmp_path / "repo", snapshot_dir=tmp_path / "snapshots")
+    url = f"127.0.0.1:{server.grpc_port}"
+    try:
+        client = tc.InferenceServerClient(url)
+        infer(client, real_images[:8], "tent", "deadline", start=True)
+        big = np.resize(real_images, (1024, *real_images.shape[1:]))  # a TENT step of seconds holds the session
+        with ThreadPoolExecutor(1) as pool:
+            slow = pool.submit(infer, tc.InferenceServerClient(url), big, "tent", "deadline")
+            wait_until(lambda: server.inflight.count >= 1, 30, "the slow step in flight")
+            time.sleep(0.2)
+            with pytest.raises(InferenceServerException) as late:
+                infer(client, real_images[8:16], "tent", "deadline", timeout_s=0.3)
+            assert late.value.status() == "StatusCode.DEADLINE_EXCEEDED"
+            assert slow.result(timeout=120).get_response().parameters["tta_session_steps"].int64_param == 2
+        wait_until(lambda: server.inflight.count == 0, 30, "the late request answered by the server")
+        key = SessionKey("anonymous", "resnet", "tent", "deadline")
+        assert server.sessions.get(key).steps == 2
+        timeouts = server.metrics.registry.get_sample_value(
+            "ttaserve_requests_total", {"model": "resnet", "version": "1", "strategy": "tent", "outcome": "timeout"}
+        )
+        assert timeouts == 1
+    finally:
+        server.stop()
 
 
 def test_settings_validated_against_schema(url: str, real_images: np.ndarray) -> None:
