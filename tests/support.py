@@ -88,6 +88,18 @@ CIFAR_INPUT = {"height": 32, "width": 32, "channels": 3, "layout": "NHWC"}
 CIFAR_PREPROCESSING = {"mean": list(CIFAR_MEAN), "std": list(CIFAR_STD)}
 
 
+def cifar_resnet20_config(**extra: object) -> dict:
+    """A model config of the CIFAR ResNet-20 (pytorch platform, CIFAR input, preprocessing and labels)."""
+    base = {
+        "platform": "pytorch",
+        "architecture": "cifar_resnet20",
+        "input": CIFAR_INPUT,
+        "preprocessing": CIFAR_PREPROCESSING,
+        "labels": list(CIFAR_LABELS),
+    }
+    return {**base, **extra}
+
+
 def start(repo: Path | None, **settings: object) -> ServerHandle:
     base = {"grpc_host": "127.0.0.1", "grpc_port": 0, "http_port": 0, "metrics_port": 0, "model_repository": repo}
     return start_server(ServerSettings(**{**base, **settings}))

@@ -6,21 +6,14 @@ from pathlib import Path
 
 import numpy as np
 import tritonclient.grpc as tc
-from support import CIFAR_INPUT, CIFAR_LABELS, CIFAR_PREPROCESSING, RESNET20, requires_shared, start, write_model
+from support import RESNET20, cifar_resnet20_config, requires_shared, start, write_model
 
 from ttaserve.server.architectures import load_state_dict
 
 
 @requires_shared
 def test_resnet20_scores_91_73_over_grpc(tmp_path: Path, cifar_test: tuple[np.ndarray, np.ndarray]) -> None:
-    config = {
-        "platform": "pytorch",
-        "architecture": "cifar_resnet20",
-        "input": CIFAR_INPUT,
-        "preprocessing": CIFAR_PREPROCESSING,
-        "labels": list(CIFAR_LABELS),
-    }
-    write_model(tmp_path, "cifar10_resnet20", config, {1: load_state_dict(RESNET20)})
+    write_model(tmp_path, "cifar10_resnet20", cifar_resnet20_config(), {1: load_state_dict(RESNET20)})
     handle = start(tmp_path, metrics_port=None)
     try:
         client = tc.InferenceServerClient(f"127.0.0.1:{handle.grpc_port}")

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 import tritonclient.grpc as tc
-from support import CIFAR_INPUT, CIFAR_PREPROCESSING, seeded_resnet20, start, write_model
+from support import CIFAR_INPUT, CIFAR_PREPROCESSING, cifar_resnet20_config, seeded_resnet20, start, write_model
 from tritonclient.utils import InferenceServerException
 
 from opskit.procs import wait_until
@@ -152,13 +152,9 @@ def test_a_retried_request_gets_its_answer_again_and_adapts_once(url: str, real_
 
 def test_a_request_whose_deadline_passes_while_it_waits_is_not_applied(tmp_path: Path, real_images: np.ndarray) -> None:
     """Its client has seen DEADLINE_EXCEEDED and will retry: applying it anyway would adapt on the batch twice."""
-    config = {"platform": "pytorch", "architecture": "cifar_resnet20", "input": CIFAR_INPUT, "max_batch_size": 1024}
-    write_model(
-        tmp_path / "repo",
-        "resnet",
-        {**config, "preprocessing": CIFAR_PREPROCESSING},
-        {1: seeded_resnet20(0).state_dict()},
-    )
+    config = cifar_resnet20_config(max_batch_size=1024)
+    write_model(tmp_path / "repo", "resnet", config, {1: seeded_resnet20(0).state_dict()})
+
     server = start(tmp_path / "repo", snapshot_dir=tmp_path / "snapshots")
     url = f"127.0.0.1:{server.grpc_port}"
     try:

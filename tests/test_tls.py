@@ -20,7 +20,7 @@ import pytest
 import tritonclient.grpc as grpcclient
 import tritonclient.http as httpclient
 import trustme
-from support import CIFAR_INPUT, CIFAR_LABELS, CIFAR_PREPROCESSING, native_frontend_or_skip, seeded_resnet20, start
+from support import CIFAR_LABELS, cifar_resnet20_config, native_frontend_or_skip, seeded_resnet20, start
 from support import write_model as write_model_folder
 
 from opskit.procs import wait_until
@@ -68,14 +68,7 @@ def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
 @pytest.fixture(scope="module")
 def repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
     folder = tmp_path_factory.mktemp("repo")
-    config = {
-        "platform": "pytorch",
-        "architecture": "cifar_resnet20",
-        "input": CIFAR_INPUT,
-        "preprocessing": CIFAR_PREPROCESSING,
-        "labels": list(CIFAR_LABELS),
-    }
-    write_model_folder(folder, "resnet", config, {1: seeded_resnet20(0).state_dict()})
+    write_model_folder(folder, "resnet", cifar_resnet20_config(), {1: seeded_resnet20(0).state_dict()})
     return folder
 
 
