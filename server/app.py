@@ -251,7 +251,7 @@ def _start_server(settings: ServerSettings) -> ServerHandle:
             adaptation_servicer,
             max_body_bytes=settings.max_message_mb * 1024 * 1024,
             max_connections=settings.http_max_connections,
-            ssl_context=None if tls is None else tls.config.ssl_context(),
+            ssl_context=None if tls is None else tls.config.ssl_context,
         )
         try:
             http.start(settings.grpc_host, settings.http_port)
@@ -262,7 +262,7 @@ def _start_server(settings: ServerSettings) -> ServerHandle:
             raise
     if tls is not None:
         if http is not None:
-            tls.on_reload(lambda config: http.use_ssl_context(config.ssl_context()))
+            tls.on_reload(lambda config: http.use_ssl_context(config.ssl_context))
         tls.start()
     metrics.server_info.info(
         {

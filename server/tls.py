@@ -15,7 +15,7 @@ import ssl
 import tempfile
 import threading
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import grpc
@@ -35,6 +35,8 @@ class TlsConfig:
     cert_chain: bytes
     private_key: bytes
     client_ca: bytes | None
+    #: the REST server's context, built once by ``load_tls`` (building it is the key/certificate check)
+    ssl_context: ssl.SSLContext = field(compare=False, repr=False)
 
     @property
     def mutual(self) -> bool:
@@ -45,18 +47,6 @@ class TlsConfig:
 
     def files(self) -> tuple[bytes, bytes, bytes | None]:
         return self.cert_chain, self.private_key, self.client_ca
-
-    def ssl_context(self) -> ssl.SSLContext:
-        """The REST server's context: TLS 1.2 or newer, HTTP/1.1 over ALPN, client certificates required when
-        mutual."""
-        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-        context.minimum_version = ssl.TLSVersion.TLSv1_2
-        context.load_cert_chain(self.cert_file, self.key_file)
-        context.set_alpn_protocols(["http/1.1"])
-        if self.client_ca is not None:
-            context.verify_mode = ssl.CERT_REQUIRED
-            context.load_verify_locations(cadata=self.client_ca.decode("ascii"))
-        return context
 
 
 def load_tls(cert_file: Path | None, key_file: Path | None, client_ca_file: Path | None) -> TlsConfig | None:
@@ -70,16 +60,27 @@ def load_tls(cert_file: Path | None, key_file: Path | None, client_ca_file: Path
     cert_chain = _read_pem(cert_file, "tls_cert", b"CERTIFICATE")
     private_key = _read_pem(key_file, "tls_key", b"PRIVATE KEY")
     client_ca = _read_pem(client_ca_file, "tls_client_ca", b"CERTIFICATE") if client_ca_file is not None else None
-    config = TlsConfig(cert_file, key_file, client_ca_file, cert_chain, private_key, client_ca)
     try:
-        config.ssl_context()
+        context = _rest_context(cert_file, key_file, client_ca)
     except ssl.SSLError as exc:
         raise ValueError(
             f"tls_key {key_file} does not match tls_cert {cert_file}, or one of them is unusable: {exc}"
         ) from exc
     except ValueError as exc:  # load_verify_locations on text with no usable certificate
         raise ValueError(f"tls_client_ca {client_ca_file}: {exc}") from exc
-    return config
+    return TlsConfig(cert_file, key_file, client_ca_file, cert_chain, private_key, client_ca, context)
+
+
+def _rest_context(cert_file: Path, key_file: Path, client_ca: bytes | None) -> ssl.SSLContext:
+    """The REST server's context: TLS 1.2 or newer, HTTP/1.1 over ALPN, client certificates required when mutual."""
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    context.load_cert_chain(cert_file, key_file)
+    context.set_alpn_protocols(["http/1.1"])
+    if client_ca is not None:
+        context.verify_mode = ssl.CERT_REQUIRED
+        context.load_verify_locations(cadata=client_ca.decode("ascii"))
+    return context
 
 
 class CheckedCopy:
