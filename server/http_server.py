@@ -47,6 +47,8 @@ BINARY_CONTENT = "application/octet-stream"
 HEADER_LENGTH = "Inference-Header-Content-Length"
 #: an idle keep-alive connection is closed after this long (each one holds a thread)
 IDLE_TIMEOUT_S = 60.0
+#: Linux only; elsewhere the delayed ACK stays
+QUICKACK: int | None = getattr(socket, "TCP_QUICKACK", None)
 ADAPTATION_SERVICE = apb.DESCRIPTOR.services_by_name["Adaptation"]
 
 HTTP_STATUS = {
@@ -424,6 +426,8 @@ class _RequestHandler(BaseHTTPRequestHandler):
             raise HttpError(
                 413, f"the request body is {length} bytes, above the server's {self.max_body_bytes}-byte limit"
             )
+        if length:
+            self._acknowledge_promptly()
         body = self.rfile.read(length) if length else b""
         if len(body) < length:
             self.close_connection = True
@@ -432,6 +436,15 @@ class _RequestHandler(BaseHTTPRequestHandler):
         if encoding and encoding.lower() != "identity":
             body = _decompress(body, encoding.lower(), self.max_body_bytes)
         return body
+
+    def _acknowledge_promptly(self) -> None:
+        """ACK the body's segments as they arrive instead of up to 40 ms later. A client that writes a large body
+        without ``TCP_NODELAY`` holds its last, short segment back until the previous one is acknowledged; over TLS
+        (records written one by one) ``tritonclient.http`` waited out the delayed ACK on every batch-64 request: 70 ms
+        against 28 ms. Linux leaves quick-ACK mode on its own, so it is asked for again on each request."""
+        if QUICKACK is not None:
+            with contextlib.suppress(OSError):
+                self.connection.setsockopt(socket.IPPROTO_TCP, QUICKACK, 1)
 
     def _send(self, reply: Reply) -> None:
         body = reply.body
