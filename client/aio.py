@@ -99,7 +99,7 @@ class AsyncClient(ClientBase):
     ) -> BatchResult:
         target = await self._input(model, version)
         flags = session.next_flags(end) if session is not None else None
-        prepared = self._prepare_infer(images, target, model, version, strategy, top_k, settings, flags)
+        prepared = self._prepare_infer(images, target, model, version, strategy, top_k, settings, session, flags)
         metadata = session.metadata if session is not None else None
         registered = prepared.register is None
         try:

@@ -60,7 +60,7 @@ _TYPED_FIELDS = {
     "BYTES": "bytes_contents",
 }
 # response parameters that are not adaptation stats
-_RESERVED_PARAMS = {"tta_strategy", "tta_settings", "tta_session_steps", "tta_session_reset"}
+_RESERVED_PARAMS = {"tta_strategy", "tta_settings", "tta_session_steps", "tta_session_reset", "tta_session_event"}
 
 
 @dataclass(frozen=True)
@@ -216,10 +216,11 @@ def build_infer_request(
     settings: Mapping[str, bool | int | float | str] | None = None,
     sequence: SequenceFlags | None = None,
     shared_memory_region: str | None = None,
+    request_id: str = "",
 ) -> pb.ModelInferRequest:
     """A ModelInfer request; ``settings`` keys may be given with or without their ``tta_`` prefix. With
     ``shared_memory_region`` the input's bytes are in that registered region (at offset 0), not in the request."""
-    request = pb.ModelInferRequest(model_name=model, model_version=version)
+    request = pb.ModelInferRequest(model_name=model, model_version=version, id=request_id)
     tensor = request.inputs.add(name=target.name, datatype=images.datatype, shape=images.shape)
     if shared_memory_region is None:
         request.raw_input_contents.append(images.raw)
@@ -257,9 +258,57 @@ def session_key(caller: str | None, model: str, strategy: str, sequence_id: str)
     return apb.SessionKey(caller=caller or "", model_name=model, strategy=strategy, sequence_id=sequence_id)
 
 
-def channel_options(max_message_mb: int) -> list[tuple[str, int | str]]:
+#: the calls retried on UNAVAILABLE (the connection was lost, the server is draining): reads, and ModelInfer, which
+#: is safe to repeat (a stateless request changes nothing; a session's carries its request id and is replayed)
+RETRIED_METHODS = {
+    "inference.GRPCInferenceService": (
+        "ServerLive",
+        "ServerReady",
+        "ModelReady",
+        "ServerMetadata",
+        "ModelMetadata",
+        "ModelInfer",
+        "ModelConfig",
+        "ModelStatistics",
+        "RepositoryIndex",
+    ),
+    "ttaserve.v1.Adaptation": ("ListStrategies", "ListSessions", "GetSession"),
+}
+#: gRPC allows at most five attempts
+MAX_RETRIES = 4
+
+
+def retry_service_config(retries: int) -> str:
+    """gRPC's own retry policy for ``RETRIED_METHODS``: up to ``retries`` more attempts, 0.1 s backoff doubling to
+    at most 1 s, all within the call's deadline."""
+    if not 0 <= retries <= MAX_RETRIES:
+        raise ValueError(f"retries must be between 0 and {MAX_RETRIES}, not {retries}")
+    policy = {
+        "maxAttempts": retries + 1,
+        "initialBackoff": "0.1s",
+        "maxBackoff": "1s",
+        "backoffMultiplier": 2,
+        "retryableStatusCodes": ["UNAVAILABLE"],
+    }
+    names = [{"service": service, "method": m} for service, methods in RETRIED_METHODS.items() for m in methods]
+    return json.dumps({"methodConfig": [{"name": names, "retryPolicy": policy}]})
+
+
+def channel_options(max_message_mb: int, retries: int = 0) -> list[tuple[str, int | str]]:
+    """Message limits both ways; with ``retries``, the retry policy and a retry buffer that holds a whole request
+    (gRPC's default, 256 KiB, would leave a larger batch unretried)."""
     limit = max_message_mb * 1024 * 1024
-    return [("grpc.max_send_message_length", limit), ("grpc.max_receive_message_length", limit)]
+    options: list[tuple[str, int | str]] = [
+        ("grpc.max_send_message_length", limit),
+        ("grpc.max_receive_message_length", limit),
+    ]
+    if retries:
+        options += [
+            ("grpc.enable_retries", 1),
+            ("grpc.service_config", retry_service_config(retries)),
+            ("grpc.per_rpc_retry_buffer_size", limit),
+        ]
+    return options
 
 
 def channel_target(url: str) -> str:
@@ -332,6 +381,7 @@ def parse_infer_response(response: pb.ModelInferResponse, top_k: int = 5) -> Bat
     settings_json = params.get("tta_settings")
     steps = params.get("tta_session_steps")
     reset = params.get("tta_session_reset")
+    event = params.get("tta_session_event")
     return BatchResult(
         _classifications(output_arrays(response), top_k),
         model=response.model_name,
@@ -345,6 +395,7 @@ def parse_infer_response(response: pb.ModelInferResponse, top_k: int = 5) -> Bat
         },
         session_steps=int(steps) if isinstance(steps, int) else None,
         session_reset=str(reset) if reset else None,
+        session_event=str(event) if event else None,
         engine=str(params.get("engine", "")),
         device=str(params.get("device", "")),
     )

@@ -20,6 +20,7 @@ from ttaserve.protocol.grpc_service_pb2_grpc import GRPCInferenceServiceStub
 
 from . import codec
 from .codec import InputTarget, SequenceFlags, call_metadata, channel_options, channel_target
+from .session import SessionCore
 from .shared_memory import SharedMemoryPool, SharedMemorySlot
 from .tls import PemSource, client_tls
 
@@ -48,11 +49,12 @@ class ClientCore:
         server_name: str | None,
         caller: str | None,
         max_message_mb: int,
+        retries: int,
     ) -> None:
         if max_message_mb <= 0:
             raise ValueError(f"max_message_mb must be positive, not {max_message_mb}")
         self.target = channel_target(url)
-        self.options = channel_options(max_message_mb)
+        self.options = channel_options(max_message_mb, retries)
         settings = client_tls(
             url,
             tls=tls,
@@ -96,6 +98,7 @@ class ClientBase:
         server_name: str | None = None,
         caller: str | None = None,
         max_message_mb: int = 256,
+        retries: int = 2,
         shared_memory: bool = False,
     ) -> None:
         """TLS is on with ``tls=True``, a ``grpcs://`` URL, or any certificate argument: ``root_certificates``
@@ -103,7 +106,9 @@ class ClientBase:
         client to a server that requires mutual TLS, ``server_name`` is the name the server's certificate must
         carry when it is not the URL's host. ``shared_memory=True`` (a client on the server's host, a server run
         with ``--allow-shared-memory``) passes each batch through /dev/shm instead of the request message
-        (client/shared_memory.py)."""
+        (client/shared_memory.py). A call that fails with UNAVAILABLE (the connection was lost, the server is
+        draining) is tried again up to ``retries`` times (at most 4; 0: never) inside its deadline: reads, and
+        ModelInfer, which a session makes safe to repeat with its request ids (``codec.RETRIED_METHODS``)."""
         self._shared_memory = SharedMemoryPool() if shared_memory else None
         core = self._core = ClientCore(
             url,
@@ -115,6 +120,7 @@ class ClientBase:
             server_name=server_name,
             caller=caller,
             max_message_mb=max_message_mb,
+            retries=retries,
         )
         if core.credentials is not None:
             self._channel = self._channels.secure_channel(core.target, core.credentials, options=core.options)
@@ -136,9 +142,11 @@ class ClientBase:
         strategy: str,
         top_k: int,
         settings: Mapping[str, bool | int | float | str] | None,
+        session: SessionCore | None,
         flags: SequenceFlags | None,
     ) -> PreparedInfer:
-        """The ModelInfer request; with shared memory on, the batch is written into a lent slot first."""
+        """The ModelInfer request (a session's with its request id); with shared memory on, the batch is written
+        into a lent slot first."""
         encoded = codec.encode_images(images, target)
         slot, new = None, False
         if self._shared_memory is not None:
@@ -154,6 +162,7 @@ class ClientBase:
             settings=settings,
             sequence=flags,
             shared_memory_region=slot.region if slot is not None else None,
+            request_id=session.request_id(encoded) if session is not None else "",
         )
         register = (
             pb.SystemSharedMemoryRegisterRequest(name=slot.region, key=slot.key, byte_size=slot.byte_size)

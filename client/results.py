@@ -33,7 +33,9 @@ class BatchResult(list[Classification]):
 
     It is a list, so ``results[0].label`` and ``for c in results`` work; the response parameters ride along as
     attributes: ``strategy``, ``settings`` (effective strategy settings), ``stats`` (per-batch adaptation stats
-    such as ``entropy``), ``session_steps``, ``session_reset`` (the collapse guard's reason), ``engine``, ``device``.
+    such as ``entropy``), ``session_steps``, ``session_reset`` (the collapse guard's reason), ``session_event``
+    (what happened to the session: ``started``, ``created``, ``restored``, ``replayed`` — a retried batch answered
+    again without adapting — or the collapse guard's reset), ``engine``, ``device``.
     """
 
     def __init__(
@@ -47,6 +49,7 @@ class BatchResult(list[Classification]):
         stats: dict[str, float] | None = None,
         session_steps: int | None = None,
         session_reset: str | None = None,
+        session_event: str | None = None,
         engine: str = "",
         device: str = "",
     ) -> None:
@@ -58,6 +61,7 @@ class BatchResult(list[Classification]):
         self.stats = stats or {}
         self.session_steps = session_steps
         self.session_reset = session_reset
+        self.session_event = session_event
         self.engine = engine
         self.device = device
 

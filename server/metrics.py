@@ -234,6 +234,12 @@ class Metrics:
             ("model", "strategy", "reason"),
             registry=r,
         )
+        self.session_replays = Counter(
+            "ttaserve_session_replays",
+            "Session requests answered again without adapting: retries of a step whose answer the client lost",
+            ("model", "strategy"),
+            registry=r,
+        )
         self.inflight = Gauge("ttaserve_inflight_requests", "Inference requests being handled", registry=r)
         self.model_ready = Gauge(
             "ttaserve_model_ready",
@@ -311,6 +317,7 @@ class Metrics:
                 self.session_resets.labels(model, strategy, reason)
             for event in OPEN_EVENTS:
                 self.sessions_opened.labels(model, strategy, event)
+            self.session_replays.labels(model, strategy)
 
     def serve(self, port: int, host: str = "0.0.0.0", probes: Mapping[str, Probe] | None = None) -> int:
         """Start the operations endpoint (metrics, and the health ``probes`` by path); returns the bound port

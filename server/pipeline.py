@@ -9,7 +9,7 @@ import hashlib
 import logging
 import math
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -32,7 +32,7 @@ from .request import (
     parse_request,
     settings_json,
 )
-from .sessions import Session, SessionKey, SessionTable, marginal_entropy, session_from_payload
+from .sessions import AppliedRequest, Session, SessionKey, SessionTable, marginal_entropy, session_from_payload
 from .shared_memory import BYTE_SIZE_PARAMETER, OFFSET_PARAMETER, REGION_PARAMETER, SharedMemoryRegistry
 from .warmup import initial_state
 
@@ -52,17 +52,23 @@ class RunResult:
     batch_size: int = 0
 
 
-def _replay(session: Session, request_id: str, digest: bytes) -> RunResult | None:
-    """The answer of the session's last applied request when this one retries it; None for a new request."""
-    if not request_id or session.last_request is None or session.last_request[0] != request_id:
+def _replay(applied: AppliedRequest | None, request_id: str, digest: bytes, sequence_id: str) -> RunResult | None:
+    """The answer of ``applied`` (a session's last applied request) when this request retries it; None for a new
+    request."""
+    if not request_id or applied is None or applied.id != request_id:
         return None
-    _id, applied_digest, result = session.last_request
-    if applied_digest != digest:
+    if applied.digest != digest:
         raise InvalidArgument(
-            f"request id {request_id!r} was already applied to session {session.key.sequence_id!r} with other "
-            "inputs; give each batch its own id"
+            f"request id {request_id!r} was already applied to session {sequence_id!r} with other inputs; give each "
+            "batch its own id"
         )
-    return replace(result, queue_ns=0, infer_ns=0, session_event="replayed")
+    return RunResult(
+        applied.logits,
+        variant=applied.variant,
+        stats=applied.stats,
+        session_steps=applied.steps,
+        session_event="replayed",
+    )
 
 
 class Pipeline:
@@ -158,10 +164,16 @@ class Pipeline:
     ) -> RunResult:
         """One step of a session, applied exactly once: a request whose deadline passed while it waited for the
         session is refused unapplied (its client has given up and may retry), and a retried request (the same
-        ``id`` and inputs as the session's last applied one) gets that request's answer again."""
+        ``id`` and inputs as the session's last applied one, even one that ended the session) gets that request's
+        answer again."""
         key = SessionKey(caller, model.name, parsed.strategy, request.sequence_id)
         strategy = model.strategy(parsed.strategy)
         digest = hashlib.blake2b(parsed.images.tobytes(), digest_size=16).digest() if request_id else b""
+        if request_id and not request.start and self.sessions.get(key) is None:
+            replayed = _replay(self.sessions.ended_request(key), request_id, digest, request.sequence_id)
+            if replayed is not None:
+                self.metrics.session_replays.labels(model.name, parsed.strategy).inc()
+                return replayed
         session, event = self._open_session(model, key, parsed, request.start, deadline)
         if event:
             self.metrics.sessions_opened.labels(model.name, parsed.strategy, event).inc()
@@ -169,8 +181,9 @@ class Pipeline:
         with session.lock.hold():
             if session.ended:
                 raise NotFound(f"session {request.sequence_id!r} ended while this request waited for it")
-            replayed = _replay(session, request_id, digest)
+            replayed = _replay(session.last_request, request_id, digest, request.sequence_id)
             if replayed is not None:
+                self.metrics.session_replays.labels(model.name, parsed.strategy).inc()
                 return replayed
             if deadline is not None and time.monotonic() >= deadline:
                 waited = (time.perf_counter_ns() - enqueued) / 1e9
@@ -198,21 +211,22 @@ class Pipeline:
             session.last_stats = dict(step.stats)
             session.last_used = time.time()
             infer_ns = time.perf_counter_ns() - start
-            every = model.config.sessions.snapshot_every_steps
-            if every and session.steps % every == 0 and not request.end:
-                self.sessions.snapshot(session)
-            steps = session.steps
             result = RunResult(
                 logits.cpu().numpy(),
                 stats=step.stats,
                 queue_ns=start - enqueued,
                 infer_ns=infer_ns,
-                session_steps=steps,
+                session_steps=session.steps,
                 session_event=event,
                 variant=strategy.variant(session.settings),
             )
             if request_id:
-                session.last_request = (request_id, digest, result)
+                session.last_request = AppliedRequest(
+                    request_id, digest, result.logits, result.variant, dict(result.stats), session.steps, event
+                )
+            every = model.config.sessions.snapshot_every_steps
+            if every and session.steps % every == 0 and not request.end:
+                self.sessions.snapshot(session)
         model.statistics.record_execution(len(logits), infer_ns)
         if request.end:
             self.sessions.remove(key, "ended")

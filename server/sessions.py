@@ -5,6 +5,10 @@ run one at a time in the order they reached it (a FIFO ticket lock, not a plain 
 Sessions end explicitly (``sequence_end``), expire after an idle timeout, are evicted least-recently-used when the
 table is full, or are dropped when their model is unloaded or reloaded. Snapshots are ``torch.save`` files of plain
 tensors, restorable on this or another replica.
+
+A session's last applied request that carried an id is kept with it (and in its snapshots, and for a while after
+the session ended), so that a client retrying a step whose answer it lost is answered again instead of adapting on
+the same batch twice.
 """
 
 from __future__ import annotations
@@ -20,8 +24,8 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
+import numpy as np
 import torch
 
 from ttaserve.adapters import AdapterState, StrategyConfig, get_strategy_class
@@ -67,6 +71,43 @@ class _FifoLock:
                 self._cond.notify_all()
 
 
+@dataclass(frozen=True)
+class AppliedRequest:
+    """A session step that carried a request id, and what it answered."""
+
+    id: str
+    #: digest of the request's preprocessed inputs: a retry must carry the same batch
+    digest: bytes
+    logits: np.ndarray
+    variant: str
+    stats: dict[str, float]
+    steps: int
+    event: str
+
+    def to_dict(self) -> dict:
+        return {
+            "id": self.id,
+            "digest": self.digest,
+            "logits": torch.from_numpy(self.logits),
+            "variant": self.variant,
+            "stats": dict(self.stats),
+            "steps": self.steps,
+            "event": self.event,
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict) -> AppliedRequest:
+        return cls(
+            id=str(data["id"]),
+            digest=bytes(data["digest"]),
+            logits=data["logits"].numpy(),
+            variant=str(data["variant"]),
+            stats={k: float(v) for k, v in data["stats"].items()},
+            steps=int(data["steps"]),
+            event=str(data["event"]),
+        )
+
+
 @dataclass
 class Session:
     key: SessionKey
@@ -83,9 +124,8 @@ class Session:
     marginal: torch.Tensor | None = None
     lock: _FifoLock = field(default_factory=_FifoLock, repr=False)
     ended: bool = False
-    #: the last applied request that carried an id: (id, digest of its inputs, its result), so that a client that
-    #: retries it (its answer was lost) gets the same answer instead of adapting on the batch twice
-    last_request: tuple[str, bytes, Any] | None = field(default=None, repr=False)
+    #: the last applied request that carried an id
+    last_request: AppliedRequest | None = field(default=None, repr=False)
 
     @property
     def steps(self) -> int:
@@ -115,6 +155,9 @@ class SessionTable:
         self._on_removed = on_removed
         self._lock = threading.Lock()
         self._sessions: OrderedDict[SessionKey, Session] = OrderedDict()
+        #: the last request of sessions that a request ended (as many as there may be live sessions), for a retry
+        #: of that request; dropped when a new session takes the key
+        self._ended: OrderedDict[SessionKey, AppliedRequest] = OrderedDict()
 
     def __len__(self) -> int:
         with self._lock:
@@ -139,6 +182,7 @@ class SessionTable:
     def add(self, session: Session) -> None:
         evicted: list[Session] = []
         with self._lock:
+            self._ended.pop(session.key, None)
             self._sessions[session.key] = session
             self._sessions.move_to_end(session.key)
             while len(self._sessions) > self.max_sessions:
@@ -152,10 +196,19 @@ class SessionTable:
     def remove(self, key: SessionKey, reason: str) -> Session | None:
         with self._lock:
             session = self._sessions.pop(key, None)
+            if session is not None and reason == "ended" and session.last_request is not None:
+                self._ended[key] = session.last_request
+                while len(self._ended) > self.max_sessions:
+                    self._ended.popitem(last=False)
         if session is not None:
             session.ended = True
             self._notify(session, reason)
         return session
+
+    def ended_request(self, key: SessionKey) -> AppliedRequest | None:
+        """The last request of the session under ``key`` that a request ended, if no session took the key since."""
+        with self._lock:
+            return self._ended.get(key)
 
     def discard(self, session: Session, reason: str) -> None:
         """End ``session`` and remove it if it is still the live one under its key (a newer one there stays)."""
@@ -235,6 +288,7 @@ def snapshot_payload(session: Session) -> dict:
         "resets": session.resets,
         "marginal": None if session.marginal is None else session.marginal.cpu(),
         "last_stats": dict(session.last_stats),
+        "last_request": None if session.last_request is None else session.last_request.to_dict(),
     }
 
 
@@ -253,6 +307,7 @@ def session_from_payload(
     except (TypeError, ValueError) as exc:
         raise InvalidArgument(f"snapshot of session {key} does not fit strategy '{strategy}': {exc}") from None
     marginal = payload.get("marginal")
+    last_request = payload.get("last_request")
     return Session(
         key=key,
         model_version=int(payload["model_version"]),
@@ -263,6 +318,7 @@ def session_from_payload(
         resets=int(payload["resets"]),
         marginal=None if marginal is None else marginal.to(device),
         last_stats={k: float(v) for k, v in payload.get("last_stats", {}).items()},
+        last_request=None if last_request is None else AppliedRequest.from_dict(last_request),
     )
 
 

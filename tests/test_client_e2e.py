@@ -1,11 +1,13 @@
 """The SDK and the CLI against a real server on loopback (port 0), with one small grey-image model so that
-``model=None`` resolves: every input kind, top-k, models, strategies, sessions, deadlines, errors, asyncio."""
+``model=None`` resolves: every input kind, top-k, models, strategies, sessions, deadlines, errors, asyncio, and
+session steps whose answers a lossy link loses."""
 
 from __future__ import annotations
 
 import asyncio
 import subprocess
 import sys
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -13,11 +15,22 @@ import numpy as np
 import pytest
 import torch
 import yaml
+from lossy_link import LossyLink
 from PIL import Image
 
-from ttaserve.client import AsyncClient, Client, DeadlineExceeded, InvalidArgument, NotFound, TtaserveError
+from opskit.procs import wait_until
+from ttaserve.client import (
+    AsyncClient,
+    Client,
+    DeadlineExceeded,
+    InvalidArgument,
+    NotFound,
+    TtaserveError,
+    Unavailable,
+)
 from ttaserve.server.app import ServerHandle, start_server
 from ttaserve.server.architectures import build_architecture
+from ttaserve.server.sessions import SessionKey
 from ttaserve.server.settings import ServerSettings
 
 LABELS = [f"class-{i}" for i in range(10)]
@@ -226,3 +239,75 @@ def test_async_client(url: str, images: np.ndarray) -> None:
                 await client.classify(np.repeat(images[..., None], 64, axis=0), timeout_s=1e-4)
 
     asyncio.run(run())
+
+
+def _lose_the_answer_of_step(server: ServerHandle, link: LossyLink, sequence_id: str, step: int) -> threading.Thread:
+    """Hold the server's answers back until session ``sequence_id`` has applied ``step``, then cut the link."""
+    key = SessionKey("anonymous", MODEL, "tent", sequence_id)
+
+    def cut_after_the_step() -> None:
+        wait_until(lambda: getattr(server.sessions.get(key), "steps", 0) >= step, 30, f"step {step} applied")
+        link.cut()
+
+    link.hold()
+    cutter = threading.Thread(target=cut_after_the_step)
+    cutter.start()
+    return cutter
+
+
+def _session_logits(url: str, sequence_id: str, batches: list[np.ndarray]) -> list[np.ndarray]:
+    with Client(url, timeout_s=30) as client, client.session(sequence_id, strategy="tent") as session:
+        return [np.stack([c.logits for c in session.classify(batch)]) for batch in batches]
+
+
+def _replays(server: ServerHandle) -> float:
+    labels = {"model": MODEL, "strategy": "tent"}
+    return server.metrics.registry.get_sample_value("ttaserve_session_replays_total", labels) or 0.0
+
+
+def test_a_session_step_whose_answer_was_lost_is_retried_and_applied_once(
+    server: ServerHandle, url: str, images: np.ndarray
+) -> None:
+    """The connection drops after the server applied the step: the client retries on its own, the server knows the
+    request id and answers again, and the stream goes on exactly as if nothing had happened."""
+    batches = [np.roll(images, shift, axis=0)[..., None] for shift in range(3)]
+    reference = _session_logits(url, "lossless", batches)
+    replays = _replays(server)
+    with (
+        LossyLink(server.grpc_port) as link,
+        Client(f"127.0.0.1:{link.port}", timeout_s=30) as client,
+        client.session("lossy", strategy="tent") as session,
+    ):
+        got = [session.classify(batches[0])]
+        cutter = _lose_the_answer_of_step(server, link, "lossy", 2)
+        got.append(session.classify(batches[1]))
+        cutter.join()
+        got.append(session.classify(batches[2]))
+    assert [r.session_event for r in got] == ["started", "replayed", None]
+    assert [r.session_steps for r in got] == [1, 2, 3]
+    for expected, result in zip(reference, got, strict=True):
+        np.testing.assert_array_equal(np.stack([c.logits for c in result]), expected)
+    assert _replays(server) == replays + 1
+
+
+def test_a_failed_batch_sent_again_keeps_its_request_id(server: ServerHandle, url: str, images: np.ndarray) -> None:
+    """Without automatic retries the application sees the failure; sending the same batch again is then safe,
+    and a different batch after a failure is a new step."""
+    batches = [np.roll(images, shift, axis=0)[..., None] for shift in range(3)]
+    reference = _session_logits(url, "lossless-manual", batches)
+    with (
+        LossyLink(server.grpc_port) as link,
+        Client(f"127.0.0.1:{link.port}", timeout_s=30, retries=0) as client,
+        client.session("lossy-manual", strategy="tent") as session,
+    ):
+        first = session.classify(batches[0])
+        cutter = _lose_the_answer_of_step(server, link, "lossy-manual", 2)
+        with pytest.raises(Unavailable):
+            session.classify(batches[1])
+        cutter.join()
+        again = session.classify(batches[1])
+        assert (again.session_event, again.session_steps) == ("replayed", 2)
+        third = session.classify(batches[2])
+    assert third.session_steps == 3
+    for expected, result in zip(reference, [first, again, third], strict=True):
+        np.testing.assert_array_equal(np.stack([c.logits for c in result]), expected)

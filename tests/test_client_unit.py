@@ -163,6 +163,19 @@ def test_unsupported_setting_type_is_rejected() -> None:
         codec.build_infer_request("m", codec.InputTarget("input", "NHWC"), encoded, settings={"alpha": [1, 2]})  # type: ignore[dict-item]
 
 
+def test_a_session_batch_keeps_its_request_id_until_its_call_succeeds() -> None:
+    core = SessionCore(None, "cifar", "cam-1", "tent")
+    batch = codec.encode_images(np.zeros((2, 4, 4, 3), np.uint8))
+    other = codec.encode_images(np.ones((2, 4, 4, 3), np.uint8))
+    first = core.request_id(batch)
+    assert core.request_id(batch) == first, "the same batch sent again after a failure keeps its id"
+    second = core.request_id(other)
+    assert second != first, "a different batch is a new step"
+    core.record(core.next_flags(end=False))
+    assert core.request_id(other) not in (first, second), "after an answer, even the same images are a new step"
+    assert SessionCore(None, "cifar", "cam-1", "tent").request_id(batch) != first, "ids differ across sessions"
+
+
 def test_session_sends_start_once_and_refuses_use_after_end() -> None:
     core = SessionCore("alice", "cifar", "cam-1", "tent")
     first = core.next_flags(end=False)
@@ -184,6 +197,16 @@ def test_channel_settings() -> None:
         ("grpc.max_send_message_length", 2 << 20),
         ("grpc.max_receive_message_length", 2 << 20),
     ]
+    retrying = dict(codec.channel_options(2, retries=3))
+    assert retrying["grpc.per_rpc_retry_buffer_size"] == 2 << 20, "a whole request must fit the retry buffer"
+    (method_config,) = json.loads(str(retrying["grpc.service_config"]))["methodConfig"]
+    assert method_config["retryPolicy"]["maxAttempts"] == 4
+    assert method_config["retryPolicy"]["retryableStatusCodes"] == ["UNAVAILABLE"]
+    retried = {(n["service"], n["method"]) for n in method_config["name"]}
+    assert ("inference.GRPCInferenceService", "ModelInfer") in retried
+    assert not {m for _, m in retried} & {"RepositoryModelLoad", "EndSession", "ResetSession", "RestoreSession"}
+    with pytest.raises(ValueError, match="retries must be between 0 and 4"):
+        codec.channel_options(2, retries=5)
     assert codec.channel_target("grpc://localhost:8001/") == "localhost:8001"
     assert codec.channel_target("localhost:8001") == "localhost:8001"
 

@@ -148,6 +148,18 @@ def test_a_retried_request_gets_its_answer_again_and_adapts_once(url: str, real_
     # the same outputs as the stream sent once without ids: the retry adapted nothing
     np.testing.assert_array_equal(second.as_numpy("logits"), plain[1])
     assert second.get_response().parameters["tta_session_steps"].int64_param == 2
+    # the request that ended the session is answered again too, and opens no new session
+    ended_again = infer(client, batches[1], "tent", "retry", end=True, request_id="frame-2")
+    np.testing.assert_array_equal(ended_again.as_numpy("logits"), plain[1])
+    assert ended_again.get_response().parameters["tta_session_event"].string_param == "replayed"
+    with pytest.raises(grpc.RpcError) as gone:
+        _steps(adaptation, "retry")
+    assert gone.value.code() == grpc.StatusCode.NOT_FOUND
+    # a new batch under the ended id starts a new session, which forgets the old one's last request
+    infer(client, batches[0], "tent", "retry", request_id="frame-3")
+    fresh = infer(client, batches[1], "tent", "retry", end=True, request_id="frame-2")
+    assert fresh.get_response().parameters["tta_session_steps"].int64_param == 2
+    assert fresh.get_response().parameters["tta_session_event"].string_param == ""
 
 
 def test_a_request_whose_deadline_passes_while_it_waits_is_not_applied(tmp_path: Path, real_images: np.ndarray) -> None:
@@ -232,13 +244,18 @@ def test_lru_eviction_and_idle_expiry(model_repo: Path, tmp_path: Path, real_ima
 
 
 def test_snapshot_survives_restart(model_repo: Path, tmp_path: Path, real_images: np.ndarray) -> None:
+    """The restored session continues bit for bit, and knows its last request: a client that lost that answer to
+    the restart and retries it is answered again, not adapted twice."""
     batches = stream_of(real_images, 11, batches=6)
     reference = run_stream_on(model_repo, tmp_path / "ref", batches)
     snapshots = tmp_path / "snapshots"
     first = start(model_repo, models=("resnet",), snapshot_dir=snapshots)
     url = f"127.0.0.1:{first.grpc_port}"
     client = tc.InferenceServerClient(url)
-    outputs = [infer(client, batches[i], "tent", "cam-1", start=i == 0).as_numpy("logits") for i in range(3)]
+    outputs = [
+        infer(client, batches[i], "tent", "cam-1", start=i == 0, request_id=f"b{i}").as_numpy("logits")
+        for i in range(3)
+    ]
     with grpc.insecure_channel(url) as channel:
         key = apb.SessionKey(model_name="resnet", strategy="tent", sequence_id="cam-1")
         snap = adaptation_pb2_grpc.AdaptationStub(channel).SnapshotSession(apb.SnapshotSessionRequest(key=key))
@@ -247,11 +264,14 @@ def test_snapshot_survives_restart(model_repo: Path, tmp_path: Path, real_images
     second = start(model_repo, models=("resnet",), snapshot_dir=snapshots)
     try:
         client = tc.InferenceServerClient(f"127.0.0.1:{second.grpc_port}")
-        for i in range(3, 6):
-            result = infer(client, batches[i], "tent", "cam-1")
-            outputs.append(result.as_numpy("logits"))
-            if i == 3:
-                assert result.get_response().parameters["tta_session_event"].string_param == "restored"
+        retried = infer(client, batches[2], "tent", "cam-1", request_id="b2")
+        np.testing.assert_array_equal(retried.as_numpy("logits"), outputs[2])
+        parameters = retried.get_response().parameters
+        assert parameters["tta_session_event"].string_param == "replayed"
+        assert parameters["tta_session_steps"].int64_param == 3
+        restored = {"model": "resnet", "strategy": "tent", "event": "restored"}
+        assert second.metrics.registry.get_sample_value("ttaserve_sessions_opened_total", restored) == 1
+        outputs += [infer(client, batches[i], "tent", "cam-1").as_numpy("logits") for i in range(3, 6)]
     finally:
         second.stop()
     for expected, got in zip(reference, outputs, strict=True):
