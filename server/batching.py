@@ -9,6 +9,8 @@ once (Triton's instance count); with ``max_batch_size`` 1 this is a plain bound 
 how a model without dynamic batching is served.
 
 Each caller gets exactly its own rows back: rows are concatenated in queue order and split by the same offsets.
+A request whose deadline passed while it was queued is answered DEADLINE_EXCEEDED instead of being run: under
+overload the forward passes go to requests whose clients still wait for them.
 """
 
 from __future__ import annotations
@@ -21,11 +23,15 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from .errors import DeadlineExceeded
+
 
 @dataclass
 class _Item:
     rows: np.ndarray
     enqueued_ns: int
+    #: ``time.monotonic()`` after which the request is not worth running (None: never)
+    deadline: float | None = None
     done: bool = False
     result: np.ndarray | None = None
     error: BaseException | None = None
@@ -62,8 +68,10 @@ class DynamicBatcher:
         self._queue: deque[_Item] = deque()
         self._running = 0  # executions in progress, at most ``instances``
 
-    def submit(self, rows: np.ndarray) -> BatchedResult:
-        item = _Item(rows=rows, enqueued_ns=time.perf_counter_ns())
+    def submit(self, rows: np.ndarray, deadline: float | None = None) -> BatchedResult:
+        """Run ``rows`` in the next forward pass that has room; DeadlineExceeded when ``deadline`` (on the
+        ``time.monotonic()`` clock) passes before one takes them."""
+        item = _Item(rows=rows, enqueued_ns=time.perf_counter_ns(), deadline=deadline)
         with self._cond:
             self._queue.append(item)
             if self._delay_s > 0:
@@ -97,15 +105,26 @@ class DynamicBatcher:
                 self._cond.wait(remaining)
         batch: list[_Item] = []
         rows = 0
+        now = time.monotonic()
         while self._queue:
             size = len(self._queue[0].rows)
             if batch and rows + size > self._max_rows:
                 break
             taken = self._queue.popleft()
             taken.taken = True
+            if taken.deadline is not None and now >= taken.deadline:
+                self._expire(taken)
+                continue
             batch.append(taken)
             rows += size
         return batch
+
+    def _expire(self, item: _Item) -> None:
+        """Answer a request whose deadline passed in the queue without running it (called with the lock held)."""
+        waited = (time.perf_counter_ns() - item.enqueued_ns) / 1e9
+        item.error = DeadlineExceeded(f"the deadline passed while the request waited {waited:.3f} s in the queue")
+        item.done = True
+        self._cond.notify_all()
 
     def _queued_rows(self) -> int:
         return sum(len(item.rows) for item in self._queue)

@@ -30,6 +30,7 @@ from .request import (
     RequestedOutput,
     SessionRequest,
     parse_request,
+    request_deadline,
     settings_json,
 )
 from .sessions import AppliedRequest, Session, SessionKey, SessionTable, marginal_entropy, session_from_payload
@@ -87,7 +88,8 @@ class Pipeline:
     # --- entry point ------------------------------------------------------------------------------------------
 
     def infer(self, request: pb.ModelInferRequest, caller: str, deadline: float | None = None) -> pb.ModelInferResponse:
-        """Serve one request; ``deadline`` (``time.monotonic()``, None: none) bounds waiting for a source warm-up."""
+        """Serve one request; ``deadline`` (``time.monotonic()``, None: none), or the request's own ``timeout`` when
+        that comes first, bounds waiting: in the batcher's queue, for a session, for a source warm-up."""
         start = time.perf_counter_ns()
         try:
             model = self.repository.get(request.model_name, request.model_version)
@@ -96,6 +98,7 @@ class Pipeline:
             raise
         strategy = requested_strategy(request)
         try:
+            deadline = request_deadline(request, deadline)
             parsed = parse_request(request, model, self.shared_memory)
             strategy = parsed.strategy
             check_output_space(parsed, model)
@@ -133,11 +136,11 @@ class Pipeline:
         if parsed.session is not None:
             return self._run_session(model, parsed, parsed.session, caller, deadline, request_id)
         if parsed.strategy == "none":
-            return self._run_source(model, parsed.images)
+            return self._run_source(model, parsed.images, deadline)
         return self._run_stateless(model, parsed, deadline)
 
-    def _run_source(self, model: LoadedModel, images: np.ndarray) -> RunResult:
-        batched = model.batcher.submit(images)
+    def _run_source(self, model: LoadedModel, images: np.ndarray, deadline: float | None) -> RunResult:
+        batched = model.batcher.submit(images, deadline)
         return RunResult(
             batched.output, queue_ns=batched.queue_ns, infer_ns=batched.infer_ns, batch_size=batched.batch_size
         )

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import functools
 import json
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -23,6 +24,8 @@ OUTPUT_NAMES = ("logits", "probabilities", "topk_indices", "topk_scores", "topk_
 DEFAULT_TOP_K = 5
 STRATEGY_PARAMETER = "tta_strategy"
 SETTING_PREFIX = "tta_"
+#: Triton's request timeout in microseconds (``tritonclient``'s ``timeout=``, over gRPC and HTTP alike)
+TIMEOUT_PARAMETER = "timeout"
 
 
 @dataclass(frozen=True)
@@ -68,6 +71,21 @@ def parse_request(
         outputs=_parse_outputs(request, model.num_classes, shared_memory),
         session=_parse_session(params),
     )
+
+
+def request_deadline(request: pb.ModelInferRequest, deadline: float | None) -> float | None:
+    """The earlier of the transport's ``deadline`` and the request's ``timeout`` parameter, counted from now, on the
+    ``time.monotonic()`` clock (None: neither). A timeout of 0 means none, as in Triton. It is the only deadline an
+    HTTP request can carry."""
+    if TIMEOUT_PARAMETER not in request.parameters:
+        return deadline
+    micros = parameter_value(request.parameters[TIMEOUT_PARAMETER])
+    if isinstance(micros, bool) or not isinstance(micros, int) or micros < 0:
+        raise InvalidArgument(f"parameter '{TIMEOUT_PARAMETER}' must be whole microseconds >= 0, not {micros!r}")
+    if micros == 0:
+        return deadline
+    own = time.monotonic() + micros / 1e6
+    return own if deadline is None else min(deadline, own)
 
 
 def parse_strategy(params: dict[str, Any]) -> tuple[str, StrategyConfig]:

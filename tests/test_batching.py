@@ -11,8 +11,11 @@ import pytest
 import torch
 import tritonclient.grpc as tc
 from support import normalise, seeded_resnet20
+from tritonclient.utils import InferenceServerException
 
+from opskit.procs import wait_until
 from ttaserve.server.batching import DynamicBatcher
+from ttaserve.server.errors import DeadlineExceeded
 
 
 def test_batcher_returns_each_callers_rows() -> None:
@@ -118,6 +121,33 @@ def test_two_instances_with_a_queue_delay_serve_every_request_once() -> None:
     assert min(probe.sizes) >= 1 and sum(probe.sizes) == 30
 
 
+def test_a_request_whose_deadline_passed_in_the_queue_is_not_run() -> None:
+    """Behind a running execution, a request whose deadline passes is answered DEADLINE_EXCEEDED without taking a
+    forward pass; the one queued with it still runs."""
+    release = threading.Event()
+    sizes: list[int] = []
+
+    def run(x: np.ndarray) -> np.ndarray:
+        sizes.append(len(x))
+        release.wait(30)
+        return x + 1.0
+
+    batcher = DynamicBatcher(run, max_batch_size=8)
+    with ThreadPoolExecutor(3) as pool:
+        running = pool.submit(batcher.submit, np.zeros((1, 2), np.float32))
+        wait_until(lambda: sizes == [1], 10, "the first execution running")
+        late = pool.submit(batcher.submit, np.zeros((2, 2), np.float32), time.monotonic() + 0.05)
+        patient = pool.submit(batcher.submit, np.ones((3, 2), np.float32), time.monotonic() + 60)
+        wait_until(lambda: len(batcher._queue) == 2, 10, "both requests queued")
+        time.sleep(0.1)  # past the first one's deadline
+        release.set()
+        np.testing.assert_array_equal(patient.result(30).output, np.full((3, 2), 2.0, np.float32))
+        with pytest.raises(DeadlineExceeded, match="in the queue"):
+            late.result(30)
+        assert running.result(30).output.shape == (1, 2)
+    assert sizes == [1, 3], "the expired request took no rows in any execution"
+
+
 def test_concurrent_grpc_clients_get_their_own_rows(url: str, real_images: np.ndarray, server) -> None:
     reference = seeded_resnet20(0)
     with torch.inference_mode():
@@ -138,3 +168,26 @@ def test_concurrent_grpc_clients_get_their_own_rows(url: str, real_images: np.nd
     stats = client.get_inference_statistics("resnet", "2").model_stats[0]
     sizes = {s.batch_size for s in stats.batch_stats}
     assert any(size > 1 for size in sizes - before), f"no batched execution happened: {sorted(sizes)}"
+
+
+def test_the_triton_timeout_parameter_is_a_deadline(url: str, real_images: np.ndarray, server) -> None:
+    """``tritonclient``'s ``timeout=`` (microseconds, sent as the ``timeout`` parameter): a request still waiting
+    when it runs out is refused unrun, stateless or in a session (whose step is then not applied)."""
+    client = tc.InferenceServerClient(url)
+    tensor = tc.InferInput("input", [4, 32, 32, 3], "UINT8")
+    tensor.set_data_from_numpy(real_images[:4])
+    outputs = [tc.InferRequestedOutput("logits")]
+    assert client.infer("resnet", [tensor], outputs=outputs, timeout=10_000_000).as_numpy("logits").shape == (4, 10)
+    with pytest.raises(InferenceServerException) as expired:
+        client.infer("resnet", [tensor], outputs=outputs, timeout=1)
+    assert expired.value.status() == "StatusCode.DEADLINE_EXCEEDED" and "in the queue" in expired.value.message()
+    session = {"sequence_id": "timeout-1", "parameters": {"tta_strategy": "tent"}}
+    client.infer("resnet", [tensor], outputs=outputs, sequence_start=True, **session)
+    with pytest.raises(InferenceServerException) as late_step:
+        client.infer("resnet", [tensor], outputs=outputs, timeout=1, **session)
+    assert late_step.value.status() == "StatusCode.DEADLINE_EXCEEDED" and "not applied" in late_step.value.message()
+    after = client.infer("resnet", [tensor], outputs=outputs, sequence_end=True, **session)
+    assert after.get_response().parameters["tta_session_steps"].int64_param == 2
+    with pytest.raises(InferenceServerException) as negative:
+        client.infer("resnet", [tensor], outputs=outputs, timeout=-5)
+    assert negative.value.status() == "StatusCode.INVALID_ARGUMENT" and "'timeout'" in negative.value.message()

@@ -249,6 +249,16 @@ def test_strategy_parameters_are_validated_and_echoed(rest: tch.InferenceServerC
     assert out_of_bounds.value.status() == "400" and "tta_alpha" in out_of_bounds.value.message()
 
 
+def test_the_timeout_parameter_is_the_deadline_of_an_http_request(
+    rest: tch.InferenceServerClient, real_images: np.ndarray
+) -> None:
+    """HTTP has no deadline of its own: Triton's ``timeout`` parameter (microseconds) is one."""
+    assert rest.infer(MODEL, [uint8_input(real_images[:2])], timeout=10_000_000).as_numpy("logits").shape == (2, 10)
+    with pytest.raises(InferenceServerException) as expired:
+        rest.infer(MODEL, [uint8_input(real_images[:2])], timeout=1)
+    assert expired.value.status() == "504" and "deadline passed" in expired.value.message()
+
+
 def test_a_session_over_http_matches_the_same_session_over_grpc(
     server: ServerHandle,
     rest: tch.InferenceServerClient,
