@@ -374,6 +374,10 @@ class _RequestHandler(BaseHTTPRequestHandler):
     def do_GET(self) -> None:
         self._handle("GET")
 
+    def do_HEAD(self) -> None:
+        """A GET without the body (load balancers and uptime checkers probe health with HEAD)."""
+        self._handle("GET")
+
     def do_POST(self) -> None:
         self._handle("POST")
 

@@ -110,6 +110,16 @@ def test_health_and_metadata_match_grpc(
         assert metadata["platform"] == over_grpc["platform"] == "pytorch"
 
 
+def test_head_is_a_get_without_the_body(server: ServerHandle) -> None:
+    for path, status in (("/v2/health/ready", 200), ("/v2/models/no_such_model/ready", 503)):
+        assert http_call(server, "HEAD", path)[0] == status
+    get_status, get_headers, get_body = http_call(server, "GET", f"/v2/models/{MODEL}")
+    status, headers, body = http_call(server, "HEAD", f"/v2/models/{MODEL}")
+    assert (status, body) == (get_status, b"") and headers["Content-Length"] == str(len(get_body)) != "0"
+    assert headers["Content-Type"] == get_headers["Content-Type"]
+    assert http_call(server, "HEAD", f"/v2/models/{MODEL}/infer")[0] == 405
+
+
 def test_config_and_statistics(rest: tch.InferenceServerClient, real_images: np.ndarray) -> None:
     config = rest.get_model_config(MODEL)
     assert config["name"] == MODEL and config["max_batch_size"] == 64
