@@ -263,6 +263,7 @@ def _start_server(settings: ServerSettings) -> ServerHandle:
     if tls is not None:
         if http is not None:
             tls.on_reload(lambda config: http.use_ssl_context(config.ssl_context))
+        metrics.watch_tls(tls)  # after the front ends' listeners: a reload is counted once it is served
         tls.start()
     metrics.server_info.info(
         {

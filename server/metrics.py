@@ -1,6 +1,7 @@
 """Prometheus metrics. Units are seconds and bytes; labels are bounded (model, version, strategy, outcome, reason,
-event) — never a session or request id, and a model name a client made up is reported as ``unknown``. Each server
-owns its own registry, so several servers can live in one process (tests). docs/operations.md lists every metric.
+event, certificate, result) — never a session or request id, and a model name a client made up is reported as
+``unknown``. Each server owns its own registry, so several servers can live in one process (tests).
+docs/operations.md lists every metric.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from .ops_http import OpsServer, Probe
 if TYPE_CHECKING:
     from .repository import ModelRepository
     from .sessions import SessionTable
+    from .tls import TlsConfig, TlsReloader
 
 _LATENCY_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0)
 _BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
@@ -31,6 +33,8 @@ _UNIT_BUCKETS = tuple(i / 20 for i in range(1, 21))
 #: the ``reason`` label of session_resets and the ``event`` label of sessions_opened
 RESET_REASONS = ("manual", "collapse", "evicted", "expired", "unloaded", "reloaded")
 OPEN_EVENTS = ("started", "created", "restored")
+#: the ``result`` label of tls_reloads
+TLS_RELOAD_RESULTS = ("loaded", "rejected")
 #: the label value of a model or strategy name that does not exist (clients choose names: no unbounded labels)
 UNKNOWN = "unknown"
 
@@ -283,6 +287,40 @@ class Metrics:
 
     def watch_warmups(self, repository: ModelRepository) -> None:
         self.registry.register(_WarmupCollector(repository))
+
+    def watch_tls(self, reloader: TlsReloader) -> None:
+        """Export when the served certificate chain (``server``) and the client CA bundle (``client_ca``, mutual TLS)
+        expire, kept current on reload, and count reloads: changed files ``loaded``, or ``rejected`` (unusable, or
+        unreadable; the served set stays). Called only with TLS on: a plaintext server has nothing to report. Both
+        counters start at 0, like the session counters, so the first rejected rotation shows as an increase."""
+        expiry = Gauge(
+            "ttaserve_tls_certificate_expiry_timestamp_seconds",
+            "Earliest notAfter (Unix time) of the served certificate chain (server) and of the client CA (client_ca)",
+            ("certificate",),
+            registry=self.registry,
+        )
+        reloads = Counter(
+            "ttaserve_tls_reloads",
+            "TLS file changes taken (loaded) or refused as unusable or unreadable (rejected)",
+            ("result",),
+            registry=self.registry,
+        )
+        loaded, rejected = (reloads.labels(result) for result in TLS_RELOAD_RESULTS)
+
+        def show_expiry(config: TlsConfig) -> None:
+            for certificate, when in (("server", config.cert_expiry), ("client_ca", config.client_ca_expiry)):
+                if when is not None:
+                    expiry.labels(certificate).set(when)
+                else:  # unreadable: no stale date left behind by a rotation
+                    expiry.remove(certificate)
+
+        def reloaded(config: TlsConfig) -> None:
+            loaded.inc()
+            show_expiry(config)
+
+        show_expiry(reloader.config)
+        reloader.on_reload(reloaded)
+        reloader.on_rejected(rejected.inc)
 
     def watch_inflight(self, count: Callable[[], int]) -> None:
         self.inflight.set_function(count)

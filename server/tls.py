@@ -8,14 +8,17 @@ choose freely: sessions of one certificate are out of reach of another.
 
 from __future__ import annotations
 
+import base64
 import logging
 import os
+import re
 import shutil
 import ssl
 import tempfile
 import threading
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from datetime import datetime, timezone
 from pathlib import Path
 
 import grpc
@@ -37,6 +40,11 @@ class TlsConfig:
     client_ca: bytes | None
     #: the REST server's context, built once by ``load_tls`` (building it is the key/certificate check)
     ssl_context: ssl.SSLContext = field(compare=False, repr=False)
+    #: the earliest notAfter (Unix time) in ``cert_chain``: when clients start refusing the served chain (None: not
+    #: readable here, though OpenSSL took the certificate)
+    cert_expiry: float | None
+    #: the earliest notAfter in ``client_ca``: when client certificates stop verifying; None without mutual TLS
+    client_ca_expiry: float | None
 
     @property
     def mutual(self) -> bool:
@@ -68,7 +76,78 @@ def load_tls(cert_file: Path | None, key_file: Path | None, client_ca_file: Path
         ) from exc
     except ValueError as exc:  # load_verify_locations on text with no usable certificate
         raise ValueError(f"tls_client_ca {client_ca_file}: {exc}") from exc
-    return TlsConfig(cert_file, key_file, client_ca_file, cert_chain, private_key, client_ca, context)
+    cert_expiry = _expiry_of(cert_chain, "tls_cert", cert_file)
+    client_ca_expiry = None if client_ca is None else _expiry_of(client_ca, "tls_client_ca", client_ca_file)
+    return TlsConfig(
+        cert_file, key_file, client_ca_file, cert_chain, private_key, client_ca, context, cert_expiry, client_ca_expiry
+    )
+
+
+def _expiry_of(pem: bytes, setting: str, path: Path | None) -> float | None:
+    """``certificate_expiry``, or None with a warning: OpenSSL has accepted the file, so a date this reader cannot
+    parse costs the expiry metric, not the start."""
+    try:
+        return certificate_expiry(pem)
+    except ValueError as exc:
+        log.warning("%s %s: cannot read when it expires (no expiry metric): %s", setting, path, exc)
+        return None
+
+
+_PEM_CERTIFICATE = re.compile(rb"-----BEGIN CERTIFICATE-----(.+?)-----END CERTIFICATE-----", re.DOTALL)
+
+
+def certificate_expiry(pem: bytes) -> float:
+    """The earliest notAfter of the certificates in ``pem`` (other PEM blocks ignored), as a Unix time: a chain or a
+    bundle is only as good as its first certificate to expire. ValueError when there is none or one is malformed.
+
+    The X.509 is read here (the validity is at a fixed place in the DER), not through ``cryptography``, which the
+    server does not depend on, nor ``ssl.SSLContext.get_ca_certs``, which leaves out leaf certificates."""
+    blocks = _PEM_CERTIFICATE.findall(pem)
+    if not blocks:
+        raise ValueError("no PEM CERTIFICATE")
+    try:
+        return min(_not_after(base64.b64decode(block)) for block in blocks)
+    except (IndexError, ValueError) as exc:  # binascii.Error is a ValueError
+        raise ValueError(f"malformed certificate: {exc}") from exc
+
+
+def _not_after(der: bytes) -> float:
+    """notAfter of one DER certificate (RFC 5280 4.1): Certificate = SEQUENCE {tbsCertificate, ...} and
+    tbsCertificate = SEQUENCE {[0] version (optional), serialNumber, signature, issuer, validity, ...} with
+    validity = SEQUENCE {notBefore, notAfter}."""
+    _, start, end = _der_element(der, 0)
+    _, start, end = _der_element(der, start)  # tbsCertificate
+    fields = _der_children(der, start, end)
+    if fields[0][0] == 0xA0:  # explicit [0] version
+        fields = fields[1:]
+    _, start, end = fields[3]
+    tag, start, end = _der_children(der, start, end)[1]
+    text = der[start:end].decode("ascii")
+    if tag == 0x17:  # UTCTime YYMMDDHHMMSSZ; RFC 5280 reads YY >= 50 as 19YY
+        text = ("19" if int(text[:2]) >= 50 else "20") + text
+    elif tag != 0x18:  # GeneralizedTime YYYYMMDDHHMMSSZ
+        raise ValueError(f"notAfter has DER tag {tag:#x}, not a time")
+    return datetime.strptime(text, "%Y%m%d%H%M%SZ").replace(tzinfo=timezone.utc).timestamp()
+
+
+def _der_element(der: bytes, offset: int) -> tuple[int, int, int]:
+    """(tag, start, end) of the contents of the DER element at ``offset``."""
+    tag, length, start = der[offset], der[offset + 1], offset + 2
+    if length & 0x80:  # long form: the low bits count the length's bytes
+        count = length & 0x7F
+        length, start = int.from_bytes(der[start : start + count], "big"), start + count
+    if start + length > len(der):
+        raise ValueError("DER element runs past the end")
+    return tag, start, start + length
+
+
+def _der_children(der: bytes, start: int, end: int) -> list[tuple[int, int, int]]:
+    """The elements inside a SEQUENCE's contents, ``_der_element``'s way."""
+    children = []
+    while start < end:
+        children.append(_der_element(der, start))
+        start = children[-1][2]
+    return children
 
 
 def _rest_context(cert_file: Path, key_file: Path, client_ca: bytes | None) -> ssl.SSLContext:
@@ -130,8 +209,9 @@ class TlsReloader:
     """Serves rotated certificates without a restart (cert-manager renews them, kubelet swaps the Secret's files).
 
     Every ``interval_s`` the files are read again; a changed set that passes ``load_tls``'s checks becomes
-    ``config`` for new connections, and listeners are told. A changed set that fails them (a key written before its
-    certificate) is logged once and the served one stays. grpcio's server asks ``grpc_credentials``' fetcher before
+    ``config`` for new connections, and ``on_reload`` listeners are told. A changed set that fails them (a key
+    written before its certificate) is logged once and the served one stays; ``on_rejected`` listeners are told of
+    that, and of every check that cannot read the files. grpcio's server asks ``grpc_credentials``' fetcher before
     each handshake, the REST server is handed a new context, and the native front end reads a ``CheckedCopy``."""
 
     def __init__(self, config: TlsConfig, interval_s: float) -> None:
@@ -141,11 +221,17 @@ class TlsReloader:
         self.interval_s = interval_s
         self._seen = config.files()
         self._listeners: list[Callable[[TlsConfig], None]] = []
+        self._rejected_listeners: list[Callable[[], None]] = []
         self._copies: list[CheckedCopy] = []
         self._stopped = threading.Event()
 
     def on_reload(self, listener: Callable[[TlsConfig], None]) -> None:
         self._listeners.append(listener)
+
+    def on_rejected(self, listener: Callable[[], None]) -> None:
+        """Call ``listener`` when a check refuses changed files that fail the checks, and on every check that cannot
+        read them: the served set stays, and operators need to know the rotation did not happen."""
+        self._rejected_listeners.append(listener)
 
     def check(self) -> bool:
         """Read the files now; True when a new certificate set was taken."""
@@ -158,6 +244,7 @@ class TlsReloader:
             )
         except OSError as exc:
             log.warning("TLS files unreadable, still serving the certificate loaded before: %s", exc)
+            self._rejected()
             return False
         if files == self._seen:
             return False
@@ -166,6 +253,7 @@ class TlsReloader:
             fresh = load_tls(config.cert_file, config.key_file, config.client_ca_file)
         except ValueError as exc:
             log.warning("TLS files changed but cannot be used, still serving the certificate loaded before: %s", exc)
+            self._rejected()
             return False
         self.config = fresh
         self.generation += 1
@@ -173,6 +261,10 @@ class TlsReloader:
             listener(fresh)
         log.info("TLS certificate reloaded from %s", config.cert_file)
         return True
+
+    def _rejected(self) -> None:
+        for listener in self._rejected_listeners:
+            listener()
 
     def grpc_credentials(self) -> grpc.ServerCredentials:
         """grpcio's credentials, asking this object before each new connection's handshake (a number compared)."""

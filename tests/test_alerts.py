@@ -11,7 +11,14 @@ import yaml
 from opskit.procs import require_binary
 
 PROMETHEUS_DIR = Path(__file__).resolve().parents[1] / "deploy" / "prometheus"
-ALERTS = ("TtaserveModelNotReady", "TtaserveHighErrorRate", "TtaserveLatencyP99High", "TtaserveSessionCollapses")
+ALERTS = (
+    "TtaserveModelNotReady",
+    "TtaserveHighErrorRate",
+    "TtaserveLatencyP99High",
+    "TtaserveSessionCollapses",
+    "TtaserveCertificateExpiresSoon",
+    "TtaserveCertificateReloadRejected",
+)
 
 
 def promtool(*args: str) -> str:
@@ -22,7 +29,7 @@ def promtool(*args: str) -> str:
 
 
 def test_rules_pass_promtool_check() -> None:
-    assert "SUCCESS: 7 rules found" in promtool("check", "rules", "alerts.yml")
+    assert "SUCCESS: 9 rules found" in promtool("check", "rules", "alerts.yml")
 
 
 def test_rules_unit_tests_pass() -> None:

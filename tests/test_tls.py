@@ -1,6 +1,7 @@
 """TLS and mutual TLS on the gRPC (both front ends) and REST ports, with certificates from a throwaway CA (trustme):
 the real tritonclient (grpc and http), the SDK and the CLI as clients; plaintext, untrusted and certificate-less
-clients refused without harming the server; under mutual TLS, callers named by their certificate."""
+clients refused without harming the server; under mutual TLS, callers named by their certificate; the certificates'
+expiry and the reloads in the metrics."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ import ssl
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
+from datetime import datetime, timezone
 from pathlib import Path
 
 import grpc
@@ -20,6 +22,7 @@ import pytest
 import tritonclient.grpc as grpcclient
 import tritonclient.http as httpclient
 import trustme
+from cryptography import x509
 from support import CIFAR_LABELS, cifar_resnet20_config, native_frontend_or_skip, seeded_resnet20, start
 from support import write_model as write_model_folder
 
@@ -30,7 +33,13 @@ from ttaserve.client.errors import NotFound, Unavailable
 from ttaserve.protocol import kserve_v2_pb2 as pb
 from ttaserve.protocol.grpc_service_pb2_grpc import GRPCInferenceServiceStub
 from ttaserve.server.app import ServerHandle
-from ttaserve.server.tls import load_tls
+from ttaserve.server.metrics import Metrics
+from ttaserve.server.tls import TlsReloader, certificate_expiry, load_tls
+
+#: the server certificate's notAfter (before 2050: a DER UTCTime; trustme's CAs expire in 3000, a GeneralizedTime)
+SERVER_NOT_AFTER = datetime(2031, 5, 17, 12, 30, 45, tzinfo=timezone.utc)
+EXPIRY = "ttaserve_tls_certificate_expiry_timestamp_seconds"
+RELOADS = "ttaserve_tls_reloads_total"
 
 
 @dataclass(frozen=True)
@@ -56,7 +65,8 @@ def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
     folder = tmp_path_factory.mktemp("pki")
     ca, stranger_ca = trustme.CA(), trustme.CA()
     ca.cert_pem.write_to_path(str(folder / "ca.pem"))
-    server_cert, server_key = _write_leaf(ca.issue_cert("localhost", "ttaserve.internal"), folder, "server")
+    server_leaf = ca.issue_cert("localhost", "ttaserve.internal", not_after=SERVER_NOT_AFTER)
+    server_cert, server_key = _write_leaf(server_leaf, folder, "server")
     clients = {
         name: _write_leaf(ca.issue_cert(f"{name}.fleet.example", common_name=name), folder, name)
         for name in ("camera-1", "camera-2")
@@ -128,6 +138,19 @@ def _http_logits(url: str, pixels: np.ndarray, context: ssl.SSLContext) -> np.nd
 
 def _logits(result: BatchResult) -> np.ndarray:
     return np.stack([row.logits for row in result])
+
+
+def _not_after(pem: bytes) -> float:
+    """The first certificate's notAfter, read by ``cryptography`` (not by the code under test)."""
+    return x509.load_pem_x509_certificate(pem).not_valid_after_utc.timestamp()
+
+
+def _expiry(metrics: Metrics, certificate: str) -> float | None:
+    return metrics.registry.get_sample_value(EXPIRY, {"certificate": certificate})
+
+
+def _reloads(metrics: Metrics) -> dict[str, float | None]:
+    return {result: metrics.registry.get_sample_value(RELOADS, {"result": result}) for result in ("loaded", "rejected")}
 
 
 def _client_context(pki: Pki, client: str | None = None) -> ssl.SSLContext:
@@ -321,6 +344,78 @@ def test_serve_refuses_a_mismatched_key_in_one_line(pki: Pki, repo: Path, capsys
     assert len(error.strip().splitlines()) == 1
 
 
+def test_certificate_expiry_is_the_earliest_not_after_in_the_pem() -> None:
+    """Leaf certificates count (``ssl.SSLContext.get_ca_certs`` would leave them out), a chain or bundle is as good
+    as its first certificate to expire, other PEM blocks are skipped, and both DER time encodings are read."""
+    ca = trustme.CA()
+    intermediate = ca.create_child_ca()
+    soon, later = datetime(2030, 2, 3, 4, 5, 6, tzinfo=timezone.utc), datetime(2071, 1, 1, tzinfo=timezone.utc)
+    leaf = intermediate.issue_cert("localhost", not_after=soon)
+    chain = b"".join(blob.bytes() for blob in leaf.cert_chain_pems)
+    assert len(leaf.cert_chain_pems) == 2 and _not_after(intermediate.cert_pem.bytes()) > soon.timestamp()
+    assert certificate_expiry(chain) == soon.timestamp()
+    assert certificate_expiry(leaf.private_key_and_cert_chain_pem.bytes()) == soon.timestamp()
+    assert certificate_expiry(ca.issue_cert("localhost", not_after=later).cert_chain_pems[0].bytes()) == (
+        later.timestamp()
+    )
+    assert certificate_expiry(ca.cert_pem.bytes()) == _not_after(ca.cert_pem.bytes())
+    before_2000 = ca.issue_cert("old", not_before=datetime(1998, 1, 1), not_after=datetime(1999, 12, 31, 23, 59, 59))
+    assert certificate_expiry(before_2000.cert_chain_pems[0].bytes()) == 946684799  # UTCTime 99 is 1999
+    for broken in (b"no PEM here", b"-----BEGIN CERTIFICATE-----\nMAA=\n-----END CERTIFICATE-----\n"):
+        with pytest.raises(ValueError):
+            certificate_expiry(broken)
+
+
+def test_tls_servers_export_when_their_certificates_expire(
+    tls_server: ServerHandle, mtls_server: ServerHandle, plain_server: ServerHandle, pki: Pki
+) -> None:
+    """The served chain's expiry and, with mutual TLS, the client CA's; the reload counters at 0 from the start.
+    A plaintext server has neither."""
+    assert _expiry(tls_server.metrics, "server") == SERVER_NOT_AFTER.timestamp()
+    assert _expiry(tls_server.metrics, "client_ca") is None
+    assert _expiry(mtls_server.metrics, "server") == SERVER_NOT_AFTER.timestamp()
+    assert _expiry(mtls_server.metrics, "client_ca") == _not_after(pki.ca.read_bytes())
+    for handle in (tls_server, mtls_server):
+        assert _reloads(handle.metrics) == {"loaded": 0, "rejected": 0}
+    exported = {family.name for family in plain_server.metrics.registry.collect()}
+    assert "ttaserve_server" in exported  # the registry is the one /metrics serves
+    assert not {name for name in exported if name.startswith("ttaserve_tls")}
+
+
+def test_reload_counters_count_each_refusal_once(pki: Pki, tmp_path: Path) -> None:
+    """``check`` driven by hand (no watcher thread): a changed set that fails the checks is rejected once however
+    often it is read again; files that cannot be read are rejected at every check; an unchanged set is no reload;
+    a good set is loaded and its expiry shown."""
+    cert, key, ca = tmp_path / "tls.crt", tmp_path / "tls.key", tmp_path / "ca.crt"
+    cert.write_bytes(pki.server_cert.read_bytes())
+    key.write_bytes(pki.server_key.read_bytes())
+    ca.write_bytes(pki.ca.read_bytes())
+    config = load_tls(cert, key, ca)
+    assert config is not None
+    reloader = TlsReloader(config, interval_s=60)
+    metrics = Metrics()
+    metrics.watch_tls(reloader)
+    rotated = datetime(2033, 3, 3, tzinfo=timezone.utc)
+    new_cert, new_key = _write_leaf(trustme.CA().issue_cert("localhost", not_after=rotated), tmp_path, "new")
+
+    os.replace(new_key, key)  # a key that does not match the served certificate
+    assert [reloader.check() for _ in range(3)] == [False] * 3
+    assert _reloads(metrics) == {"loaded": 0, "rejected": 1}
+    cert.rename(tmp_path / "gone.crt")
+    assert [reloader.check() for _ in range(2)] == [False] * 2
+    assert _reloads(metrics) == {"loaded": 0, "rejected": 3}
+    (tmp_path / "gone.crt").rename(cert)  # back as it was: unchanged since the last read, nothing to do
+    assert not reloader.check()
+    assert _reloads(metrics) == {"loaded": 0, "rejected": 3}
+    assert _expiry(metrics, "server") == SERVER_NOT_AFTER.timestamp()
+
+    os.replace(new_cert, cert)
+    assert reloader.check()
+    assert _reloads(metrics) == {"loaded": 1, "rejected": 3}
+    assert _expiry(metrics, "server") == rotated.timestamp()
+    assert _expiry(metrics, "client_ca") == _not_after(pki.ca.read_bytes())
+
+
 def _serves_certificate_of(url: str, ca: bytes) -> bool:
     """Whether a new gRPC connection that trusts only ``ca`` gets through."""
     try:
@@ -345,7 +440,8 @@ def _rest_trusts(port: int, ca: bytes) -> bool:
 @pytest.mark.parametrize("frontend", ["native", "python"])
 def test_a_rotated_certificate_is_served_without_a_restart(frontend: str, repo: Path, pki: Pki, tmp_path: Path) -> None:
     """The files are replaced as kubelet replaces a Secret's (renamed into place); new connections get the new
-    certificate within the reload interval. A broken replacement (a key that does not match) is not taken."""
+    certificate within the reload interval. A broken replacement (a key that does not match) is not taken. The
+    metrics count both and show the new certificate's expiry."""
     if frontend == "native":
         native_frontend_or_skip()
     cert, key = tmp_path / "tls.crt", tmp_path / "tls.key"
@@ -357,14 +453,22 @@ def test_a_rotated_certificate_is_served_without_a_restart(frontend: str, repo: 
     try:
         assert _serves_certificate_of(url, old_ca) and not _serves_certificate_of(url, new_ca.cert_pem.bytes())
         assert _rest_trusts(handle.http_port, old_ca)
+        assert _expiry(handle.metrics, "server") == SERVER_NOT_AFTER.timestamp()
+        assert _reloads(handle.metrics) == {"loaded": 0, "rejected": 0}
 
-        new_cert, new_key = _write_leaf(new_ca.issue_cert("localhost"), tmp_path, "new")
-        key.write_bytes(new_key.read_bytes())  # the key alone: it does not match the served certificate yet
+        rotated = datetime(2032, 7, 8, 9, 10, 11, tzinfo=timezone.utc)
+        new_cert, new_key = _write_leaf(new_ca.issue_cert("localhost", not_after=rotated), tmp_path, "new")
+        os.replace(new_key, key)  # the key alone: it does not match the served certificate yet
         time.sleep(2.5)
         assert _serves_certificate_of(url, old_ca) and _rest_trusts(handle.http_port, old_ca)
+        assert _reloads(handle.metrics) == {"loaded": 0, "rejected": 1}  # once, though read five times
+        assert _expiry(handle.metrics, "server") == SERVER_NOT_AFTER.timestamp()
         os.replace(new_cert, cert)
         wait_until(lambda: _serves_certificate_of(url, new_ca.cert_pem.bytes()), 10, "gRPC serving the new one")
         wait_until(lambda: _rest_trusts(handle.http_port, new_ca.cert_pem.bytes()), 10, "REST serving the new one")
         assert not _serves_certificate_of(url, old_ca)
+        wait_until(lambda: _reloads(handle.metrics)["loaded"] == 1, 10, "the reload counted")
+        assert _reloads(handle.metrics) == {"loaded": 1, "rejected": 1}
+        assert _expiry(handle.metrics, "server") == rotated.timestamp()
     finally:
         handle.stop()
