@@ -69,6 +69,13 @@ def _build_parser() -> argparse.ArgumentParser:
     serve = commands.add_parser("serve", help="run the server: gRPC and REST (needs ttaserve[server])")
     serve.add_argument("--config", type=Path, default=None, help="YAML settings file")
     serve.add_argument("--model-repository", type=Path, default=None, help="default: the embedded model")
+    serve.add_argument(
+        "--repository-poll-s",
+        type=float,
+        default=None,
+        metavar="SECONDS",
+        help="reload models whose files change, load new folders, unload removed ones (default: off)",
+    )
     serve.add_argument("--host", default=None, help="address to bind (default 0.0.0.0)")
     serve.add_argument("--grpc-port", type=int, default=None, help="default 8001; 0 picks a free port")
     serve.add_argument("--http-port", type=int, default=None, help="v2 REST port (default 8000); 0 picks a free port")
@@ -148,6 +155,7 @@ def _serve(args: argparse.Namespace) -> int:
         max_message_mb=args.max_message_mb,
         frontend=args.frontend,
         snapshot_dir=args.snapshot_dir,
+        repository_poll_s=args.repository_poll_s,
         allow_shared_memory=args.allow_shared_memory,
         tls_cert=args.tls_cert,
         tls_key=args.tls_key,

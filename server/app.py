@@ -30,6 +30,7 @@ from .native_frontend import NativeServer
 from .ops_http import LIVE_PATH, READY_PATH
 from .pipeline import Pipeline
 from .repository import ModelRepository
+from .repository_poller import RepositoryPoller
 from .sessions import SessionTable
 from .settings import ServerSettings
 from .shared_memory import SharedMemoryRegistry
@@ -216,6 +217,11 @@ def _start_server(settings: ServerSettings) -> ServerHandle:
         on_change=lambda name: metrics.update_model(repository, name),
         on_retired=lambda name, reason: _drop_sessions(sessions, name, reason),
     )
+    poller = None
+    if settings.repository_poll_s is not None:  # its baseline first: a file changing during the loads is seen
+        poller = RepositoryPoller(
+            repository, settings.repository_poll_s, settings.models, lambda name: compute.run(repository.load, name)
+        )
     compute.run(repository.load_all, settings.models)  # loading's tensor copies start no second OpenMP team
 
     pipeline = Pipeline(repository, sessions, metrics, SharedMemoryRegistry(settings.allow_shared_memory))
@@ -298,6 +304,8 @@ def _start_server(settings: ServerSettings) -> ServerHandle:
         readiness_services=readiness_services,
     )
     _start_sweeper(handle)
+    if poller is not None:
+        poller.start(handle._stopped)
     log.info(
         "ttaserve listening on %s:%d (%s gRPC front end, %s, REST %s, metrics %s), models: %s",
         settings.grpc_host,

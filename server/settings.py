@@ -18,6 +18,10 @@ class ServerSettings(BaseSettings):
     model_repository: Path | None = None
     #: models to load at start (default: every model in the repository)
     models: tuple[str, ...] | None = None
+    #: follow the repository on disk (Triton's poll mode): every this many seconds, models whose files changed are
+    #: reloaded, new folders loaded, removed ones unloaded (only ``models``, when given); None: only at start and
+    #: through the repository RPCs
+    repository_poll_s: float | None = Field(default=None, gt=0)
     grpc_host: str = "0.0.0.0"
     #: 0 picks a free port (tests)
     grpc_port: int = Field(default=8001, ge=0, le=65535)
