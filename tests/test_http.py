@@ -678,8 +678,8 @@ def test_what_the_http_layer_refuses_itself_is_json_too(server: ServerHandle) ->
     assert status == 405 and "POST" in message
     status, message = error_of(server, "DELETE", "/v2/health/live")
     assert status == 405 and "GET" in message
-    status, headers, data = http_call(server, "HEAD", "/v2")
-    assert status == 501 and data == b"" and headers["Content-Type"] == "application/json"
+    status, message = error_of(server, "OPTIONS", "/v2")
+    assert status == 501 and "OPTIONS" in message
     with socket.create_connection(("127.0.0.1", server.http_port), timeout=10) as raw:
         raw.sendall(b"GET /v2 HTTP/1.1\r\nX-Huge: " + b"a" * 70_000 + b"\r\n\r\n")
         reply = raw.makefile("rb").read()
