@@ -53,25 +53,6 @@ class RunResult:
     batch_size: int = 0
 
 
-def _replay(applied: AppliedRequest | None, request_id: str, digest: bytes, sequence_id: str) -> RunResult | None:
-    """The answer of ``applied`` (a session's last applied request) when this request retries it; None for a new
-    request."""
-    if not request_id or applied is None or applied.id != request_id:
-        return None
-    if applied.digest != digest:
-        raise InvalidArgument(
-            f"request id {request_id!r} was already applied to session {sequence_id!r} with other inputs; give each "
-            "batch its own id"
-        )
-    return RunResult(
-        applied.logits,
-        variant=applied.variant,
-        stats=applied.stats,
-        session_steps=applied.steps,
-        session_event="replayed",
-    )
-
-
 class Pipeline:
     def __init__(
         self,
@@ -172,10 +153,9 @@ class Pipeline:
         key = SessionKey(caller, model.name, parsed.strategy, request.sequence_id)
         strategy = model.strategy(parsed.strategy)
         digest = hashlib.blake2b(parsed.images.tobytes(), digest_size=16).digest() if request_id else b""
-        if request_id and not request.start and self.sessions.get(key) is None:
-            replayed = _replay(self.sessions.ended_request(key), request_id, digest, request.sequence_id)
+        if not request.start:  # a retry of the request that ended the session (none has taken the key since)
+            replayed = self._replay(model, parsed, request, self.sessions.ended_request(key), request_id, digest)
             if replayed is not None:
-                self.metrics.session_replays.labels(model.name, parsed.strategy).inc()
                 return replayed
         session, event = self._open_session(model, key, parsed, request.start, deadline)
         if event:
@@ -184,9 +164,8 @@ class Pipeline:
         with session.lock.hold():
             if session.ended:
                 raise NotFound(f"session {request.sequence_id!r} ended while this request waited for it")
-            replayed = _replay(session.last_request, request_id, digest, request.sequence_id)
+            replayed = self._replay(model, parsed, request, session.last_request, request_id, digest)
             if replayed is not None:
-                self.metrics.session_replays.labels(model.name, parsed.strategy).inc()
                 return replayed
             if deadline is not None and time.monotonic() >= deadline:
                 waited = (time.perf_counter_ns() - enqueued) / 1e9
@@ -235,6 +214,33 @@ class Pipeline:
             self.sessions.remove(key, "ended")
             self.sessions.delete_snapshot(key)
         return result
+
+    def _replay(
+        self,
+        model: LoadedModel,
+        parsed: ParsedRequest,
+        request: SessionRequest,
+        applied: AppliedRequest | None,
+        request_id: str,
+        digest: bytes,
+    ) -> RunResult | None:
+        """The answer of ``applied`` (a session's last applied request), counted, when this request retries it;
+        None for a new request."""
+        if not request_id or applied is None or applied.id != request_id:
+            return None
+        if applied.digest != digest:
+            raise InvalidArgument(
+                f"request id {request_id!r} was already applied to session {request.sequence_id!r} with other "
+                "inputs; give each batch its own id"
+            )
+        self.metrics.session_replays.labels(model.name, parsed.strategy).inc()
+        return RunResult(
+            applied.logits,
+            variant=applied.variant,
+            stats=applied.stats,
+            session_steps=applied.steps,
+            session_event="replayed",
+        )
 
     def _open_session(
         self, model: LoadedModel, key: SessionKey, parsed: ParsedRequest, start: bool, deadline: float | None
