@@ -23,6 +23,7 @@ from ttaserve.protocol import adaptation_pb2_grpc, grpc_service_pb2_grpc
 from . import compute
 from .adaptation_service import AdaptationServicer
 from .engines.torch_engine import resolve_device
+from .health_board import HealthBoard
 from .http_server import HttpFrontend
 from .inference_service import InferenceServicer, InflightTracker, server_version
 from .metrics import Metrics
@@ -40,8 +41,6 @@ log = logging.getLogger(__name__)
 
 INFERENCE_SERVICE = "inference.GRPCInferenceService"
 ADAPTATION_SERVICE = "ttaserve.v1.Adaptation"
-#: a health service name that stays SERVING while draining (Kubernetes liveness); every other name turns NOT_SERVING
-LIVENESS_SERVICE = "liveness"
 _SWEEP_INTERVAL_S = 5.0
 
 
@@ -71,12 +70,10 @@ class ServerHandle:
     repository: ModelRepository
     sessions: SessionTable
     metrics: Metrics
-    health: health.HealthServicer
+    health: HealthBoard
     inflight: InflightTracker
     http: HttpFrontend | None
     tls: TlsReloader | None
-    #: the health service names that turn NOT_SERVING on drain
-    readiness_services: tuple[str, ...] = ()
     _stopped: threading.Event = field(default_factory=threading.Event)
 
     @property
@@ -88,8 +85,7 @@ class ServerHandle:
         """Not-ready first, finish in-flight requests, snapshot live sessions, then stop."""
         log.info("draining: reporting not-ready")
         self.inflight.draining = True
-        for name in self.readiness_services:
-            self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+        self.health.drain()
         if not self.inflight.wait_idle(self.settings.drain_timeout_s):
             log.warning("drain timeout: requests still in flight after %.1fs", self.settings.drain_timeout_s)
         saved = 0
@@ -211,10 +207,16 @@ def _start_server(settings: ServerSettings) -> ServerHandle:
             else None
         ),
     )
+    health_board = HealthBoard(health.HealthServicer(), ("", INFERENCE_SERVICE, ADAPTATION_SERVICE))
+
+    def model_changed(name: str) -> None:
+        metrics.update_model(repository, name)
+        health_board.model_changed(name, bool(repository.versions(name)))
+
     repository = ModelRepository(
         settings.model_repository,
         device,
-        on_change=lambda name: metrics.update_model(repository, name),
+        on_change=model_changed,
         on_retired=lambda name, reason: _drop_sessions(sessions, name, reason),
     )
     poller = None
@@ -234,11 +236,7 @@ def _start_server(settings: ServerSettings) -> ServerHandle:
     adaptation_servicer = AdaptationServicer(repository, sessions, metrics)
     grpc_service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(inference_servicer, server)
     adaptation_pb2_grpc.add_AdaptationServicer_to_server(adaptation_servicer, server)
-    health_servicer = health.HealthServicer()
-    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    readiness_services = ("", INFERENCE_SERVICE, ADAPTATION_SERVICE, *sorted({m.name for m in repository.loaded()}))
-    for name in (*readiness_services, LIVENESS_SERVICE):
-        health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+    health_pb2_grpc.add_HealthServicer_to_server(health_board.servicer, server)
     reflection.enable_server_reflection(
         (INFERENCE_SERVICE, ADAPTATION_SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME),
         server,
@@ -297,11 +295,10 @@ def _start_server(settings: ServerSettings) -> ServerHandle:
         repository=repository,
         sessions=sessions,
         metrics=metrics,
-        health=health_servicer,
+        health=health_board,
         inflight=inflight,
         http=http,
         tls=tls,
-        readiness_services=readiness_services,
     )
     _start_sweeper(handle)
     if poller is not None:

@@ -82,7 +82,7 @@ def test_a_status_set_without_abort_reaches_the_client(channel: grpc.Channel) ->
 def test_a_cancelled_watch_is_forgotten_by_the_servicer(channel: grpc.Channel, served: ServerHandle) -> None:
     """Cancelling a server stream runs the callbacks the handler registered on its context."""
     stub = health_pb2_grpc.HealthStub(channel)
-    watchers = served.health._send_response_callbacks
+    watchers = served.health.servicer._send_response_callbacks
     watch = stub.Watch(health_pb2.HealthCheckRequest(service="liveness"))
     assert next(watch).status == health_pb2.HealthCheckResponse.SERVING
     assert eventually(lambda: len(watchers.get("liveness", ())) == 1)  # registered just after the first answer
@@ -103,7 +103,7 @@ def test_a_watch_sees_a_status_change(channel: grpc.Channel, served: ServerHandl
     stub = health_pb2_grpc.HealthStub(channel)
     watch = stub.Watch(health_pb2.HealthCheckRequest(service="watched"), timeout=30)
     assert next(watch).status == health_pb2.HealthCheckResponse.SERVICE_UNKNOWN
-    served.health.set("watched", health_pb2.HealthCheckResponse.NOT_SERVING)
+    served.health.servicer.set("watched", health_pb2.HealthCheckResponse.NOT_SERVING)
     assert next(watch).status == health_pb2.HealthCheckResponse.NOT_SERVING
     watch.cancel()
 
