@@ -9,8 +9,9 @@ once (Triton's instance count); with ``max_batch_size`` 1 this is a plain bound 
 how a model without dynamic batching is served.
 
 Each caller gets exactly its own rows back: rows are concatenated in queue order and split by the same offsets.
-A request whose deadline passed while it was queued is answered DEADLINE_EXCEEDED instead of being run: under
-overload the forward passes go to requests whose clients still wait for them.
+A request whose deadline passed while it was queued is answered DEADLINE_EXCEEDED instead of being run, and one
+whose client went away (cancelled the call, or closed the connection) CANCELLED: under overload the forward passes
+go to requests whose clients still wait for them.
 """
 
 from __future__ import annotations
@@ -23,7 +24,18 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .errors import DeadlineExceeded
+from .errors import Cancelled, DeadlineExceeded, ServingError
+
+
+def no_longer_awaited(
+    deadline: float | None, abandoned: Callable[[], bool] | None, now: float
+) -> tuple[type[ServingError], str] | None:
+    """Why a waiting request is not worth running any more (the error to answer and what happened), or None."""
+    if deadline is not None and now >= deadline:
+        return DeadlineExceeded, "the deadline passed"
+    if abandoned is not None and abandoned():
+        return Cancelled, "the client went away"
+    return None
 
 
 @dataclass
@@ -32,6 +44,8 @@ class _Item:
     enqueued_ns: int
     #: ``time.monotonic()`` after which the request is not worth running (None: never)
     deadline: float | None = None
+    #: True once the client no longer waits for the answer (None: it cannot tell)
+    abandoned: Callable[[], bool] | None = None
     done: bool = False
     result: np.ndarray | None = None
     error: BaseException | None = None
@@ -68,10 +82,13 @@ class DynamicBatcher:
         self._queue: deque[_Item] = deque()
         self._running = 0  # executions in progress, at most ``instances``
 
-    def submit(self, rows: np.ndarray, deadline: float | None = None) -> BatchedResult:
+    def submit(
+        self, rows: np.ndarray, deadline: float | None = None, abandoned: Callable[[], bool] | None = None
+    ) -> BatchedResult:
         """Run ``rows`` in the next forward pass that has room; DeadlineExceeded when ``deadline`` (on the
-        ``time.monotonic()`` clock) passes before one takes them."""
-        item = _Item(rows=rows, enqueued_ns=time.perf_counter_ns(), deadline=deadline)
+        ``time.monotonic()`` clock) passes before one takes them, Cancelled when ``abandoned()`` says the client
+        left by then."""
+        item = _Item(rows=rows, enqueued_ns=time.perf_counter_ns(), deadline=deadline, abandoned=abandoned)
         with self._cond:
             self._queue.append(item)
             if self._delay_s > 0:
@@ -112,17 +129,18 @@ class DynamicBatcher:
                 break
             taken = self._queue.popleft()
             taken.taken = True
-            if taken.deadline is not None and now >= taken.deadline:
-                self._expire(taken)
+            reason = no_longer_awaited(taken.deadline, taken.abandoned, now)
+            if reason is not None:
+                self._drop(taken, *reason)
                 continue
             batch.append(taken)
             rows += size
         return batch
 
-    def _expire(self, item: _Item) -> None:
-        """Answer a request whose deadline passed in the queue without running it (called with the lock held)."""
+    def _drop(self, item: _Item, error: type[ServingError], what: str) -> None:
+        """Answer a queued request that is no longer worth running without running it (called with the lock held)."""
         waited = (time.perf_counter_ns() - item.enqueued_ns) / 1e9
-        item.error = DeadlineExceeded(f"the deadline passed while the request waited {waited:.3f} s in the queue")
+        item.error = error(f"{what} while the request waited {waited:.3f} s in the queue")
         item.done = True
         self._cond.notify_all()
 

@@ -43,6 +43,12 @@ class DeadlineExceeded(ServingError):
     code = grpc.StatusCode.DEADLINE_EXCEEDED
 
 
+class Cancelled(ServingError):
+    """The client went away (cancelled the call, or its connection closed) before its request was run."""
+
+    code = grpc.StatusCode.CANCELLED
+
+
 class Unimplemented(ServingError):
     """Not supported, or not enabled in this server's settings."""
 

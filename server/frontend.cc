@@ -176,6 +176,13 @@ class Frontend {
     threads_.clear();
   }
 
+  // Whether the call still runs: false once it finished, or the client cancelled it, its deadline passed or its
+  // connection closed (the done tag came back). Asks the table only, so a freed call is never touched.
+  bool Active(uint64_t id) {
+    std::lock_guard<std::mutex> lock(calls_mutex_);
+    return calls_.count(id) != 0;
+  }
+
   int Write(uint64_t id, const char* data, size_t length) {
     Call* call = Find(id);
     if (call == nullptr) return -1;
@@ -491,6 +498,10 @@ int ttaserve_frontend_port(void* frontend, int index) { return static_cast<Front
 
 int ttaserve_frontend_start(void* frontend, int threads) {
   return static_cast<Frontend*>(frontend)->Start(threads) ? 0 : -1;
+}
+
+int ttaserve_frontend_active(void* frontend, uint64_t call) {
+  return static_cast<Frontend*>(frontend)->Active(call) ? 1 : 0;
 }
 
 int ttaserve_frontend_write(void* frontend, uint64_t call, const char* data, size_t length) {

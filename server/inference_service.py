@@ -87,6 +87,11 @@ def deadline_of(context: grpc.ServicerContext) -> float | None:
     return None if remaining is None else time.monotonic() + remaining
 
 
+def abandoned_of(context: grpc.ServicerContext) -> Callable[[], bool]:
+    """True once the client has cancelled the call, its deadline passed, or its connection closed."""
+    return lambda: not context.is_active()
+
+
 class InflightTracker:
     """Counts requests in flight so a drain can wait for them; refuses new ones once draining."""
 
@@ -272,7 +277,7 @@ class InferenceServicer(grpc_service_pb2_grpc.GRPCInferenceServiceServicer):
 
         def run() -> pb.ModelInferResponse:
             with self._admitted(request):
-                return self.pipeline.infer(request, caller, deadline_of(context))
+                return self.pipeline.infer(request, caller, deadline_of(context), abandoned_of(context))
 
         return self._call(context, run)
 
@@ -284,7 +289,7 @@ class InferenceServicer(grpc_service_pb2_grpc.GRPCInferenceServiceServicer):
         for request in request_iterator:
             try:
                 with self._admitted(request):
-                    response = self.pipeline.infer(request, caller, deadline_of(context))
+                    response = self.pipeline.infer(request, caller, deadline_of(context), abandoned_of(context))
             except ServingError as exc:
                 yield pb.ModelStreamInferResponse(error_message=f"{exc.code.name}: {exc.message}")
                 continue

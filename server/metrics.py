@@ -42,12 +42,15 @@ UNKNOWN = "unknown"
 def outcome_of(status_name: str) -> str:
     """The ``outcome`` label of a failed request from its gRPC status name (``ok`` marks the others): invalid (the
     client's fault: INVALID_ARGUMENT, NOT_FOUND, RESOURCE_EXHAUSTED, FAILED_PRECONDITION), unavailable (model not
-    ready, server draining), timeout (DEADLINE_EXCEEDED: the deadline passed while the request waited for its
-    session) or error (INTERNAL: the server's fault)."""
+    ready, server draining), timeout (DEADLINE_EXCEEDED: the deadline passed while the request waited in the
+    batcher's queue or for its session), cancelled (CANCELLED: the client left before the request ran) or error
+    (INTERNAL: the server's fault)."""
     if status_name == "UNAVAILABLE":
         return "unavailable"
     if status_name == "DEADLINE_EXCEEDED":
         return "timeout"
+    if status_name == "CANCELLED":
+        return "cancelled"
     if status_name in ("INTERNAL", "UNKNOWN"):
         return "error"
     return "invalid"

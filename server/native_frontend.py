@@ -89,6 +89,7 @@ def load_library() -> ctypes.CDLL:
             library.ttaserve_frontend_add_secure_port.argtypes = [_PTR, *[ctypes.c_char_p] * 4, ctypes.c_uint]
             library.ttaserve_frontend_port.argtypes = [_PTR, ctypes.c_int]
             library.ttaserve_frontend_start.argtypes = [_PTR, ctypes.c_int]
+            library.ttaserve_frontend_active.argtypes = [_PTR, _U64]
             library.ttaserve_frontend_write.argtypes = [_PTR, _U64, _PTR, _SIZE]
             library.ttaserve_frontend_finish.argtypes = [_PTR, _U64, ctypes.c_int, ctypes.c_char_p, _PTR, _SIZE]
             library.ttaserve_frontend_finish.argtypes += [ctypes.c_int]
@@ -175,7 +176,9 @@ class _Context:
         return None if self._deadline is None else max(0.0, self._deadline - time.monotonic())
 
     def is_active(self) -> bool:
-        return not self._call.done
+        """False once the call ended; a unary call gets no done event, so frontend.cc is asked."""
+        call = self._call
+        return not call.done and call.server.library.ttaserve_frontend_active(call.server.frontend, call.id) == 1
 
     def add_callback(self, callback: Callable[[], None]) -> bool:
         if self._call.done:

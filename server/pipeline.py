@@ -9,6 +9,7 @@ import hashlib
 import logging
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -18,8 +19,9 @@ from ttaserve.adapters import strategy_names
 from ttaserve.protocol import kserve_v2_pb2 as pb
 
 from . import compute
+from .batching import no_longer_awaited
 from .codec import encode_bytes_elements, set_parameter
-from .errors import DeadlineExceeded, FailedPrecondition, InvalidArgument, NotFound, ServingError, Unavailable
+from .errors import FailedPrecondition, InvalidArgument, NotFound, ServingError, Unavailable
 from .loaded_model import LoadedModel
 from .metrics import UNKNOWN, Metrics, observe_all
 from .model_config import SessionSettings
@@ -68,9 +70,17 @@ class Pipeline:
 
     # --- entry point ------------------------------------------------------------------------------------------
 
-    def infer(self, request: pb.ModelInferRequest, caller: str, deadline: float | None = None) -> pb.ModelInferResponse:
+    def infer(
+        self,
+        request: pb.ModelInferRequest,
+        caller: str,
+        deadline: float | None = None,
+        abandoned: Callable[[], bool] | None = None,
+    ) -> pb.ModelInferResponse:
         """Serve one request; ``deadline`` (``time.monotonic()``, None: none), or the request's own ``timeout`` when
-        that comes first, bounds waiting: in the batcher's queue, for a session, for a source warm-up."""
+        that comes first, bounds waiting: in the batcher's queue, for a session, for a source warm-up. A request
+        whose client has left by the time it leaves the batcher's queue or gets its session (``abandoned()``, when
+        the transport can tell) is not run."""
         start = time.perf_counter_ns()
         try:
             model = self.repository.get(request.model_name, request.model_version)
@@ -84,7 +94,7 @@ class Pipeline:
             strategy = parsed.strategy
             check_output_space(parsed, model)
             parsed_ns = time.perf_counter_ns()
-            result = self._run(model, parsed, caller, deadline, request.id)
+            result = self._run(model, parsed, caller, request.id, deadline, abandoned)
             run_ns = time.perf_counter_ns()
             probabilities = softmax(result.logits)
             response = build_response(request, model, parsed, result, probabilities)
@@ -112,16 +122,24 @@ class Pipeline:
     # --- running a batch --------------------------------------------------------------------------------------
 
     def _run(
-        self, model: LoadedModel, parsed: ParsedRequest, caller: str, deadline: float | None, request_id: str
+        self,
+        model: LoadedModel,
+        parsed: ParsedRequest,
+        caller: str,
+        request_id: str,
+        deadline: float | None,
+        abandoned: Callable[[], bool] | None,
     ) -> RunResult:
         if parsed.session is not None:
-            return self._run_session(model, parsed, parsed.session, caller, deadline, request_id)
+            return self._run_session(model, parsed, parsed.session, caller, request_id, deadline, abandoned)
         if parsed.strategy == "none":
-            return self._run_source(model, parsed.images, deadline)
+            return self._run_source(model, parsed.images, deadline, abandoned)
         return self._run_stateless(model, parsed, deadline)
 
-    def _run_source(self, model: LoadedModel, images: np.ndarray, deadline: float | None) -> RunResult:
-        batched = model.batcher.submit(images, deadline)
+    def _run_source(
+        self, model: LoadedModel, images: np.ndarray, deadline: float | None, abandoned: Callable[[], bool] | None
+    ) -> RunResult:
+        batched = model.batcher.submit(images, deadline, abandoned)
         return RunResult(
             batched.output, queue_ns=batched.queue_ns, infer_ns=batched.infer_ns, batch_size=batched.batch_size
         )
@@ -143,11 +161,13 @@ class Pipeline:
         parsed: ParsedRequest,
         request: SessionRequest,
         caller: str,
-        deadline: float | None,
         request_id: str,
+        deadline: float | None,
+        abandoned: Callable[[], bool] | None,
     ) -> RunResult:
-        """One step of a session, applied exactly once: a request whose deadline passed while it waited for the
-        session is refused unapplied (its client has given up and may retry), and a retried request (the same
+        """One step of a session, applied exactly once: a request whose deadline passed, or whose client left, while
+        it waited for the session is refused unapplied (its client has given up and may retry), and a retried
+        request (the same
         ``id`` and inputs as the session's last applied one, even one that ended the session) gets that request's
         answer again."""
         key = SessionKey(caller, model.name, parsed.strategy, request.sequence_id)
@@ -167,11 +187,13 @@ class Pipeline:
             replayed = self._replay(model, parsed, request, session.last_request, request_id, digest)
             if replayed is not None:
                 return replayed
-            if deadline is not None and time.monotonic() >= deadline:
+            reason = no_longer_awaited(deadline, abandoned, time.monotonic())
+            if reason is not None:
+                error, what = reason
                 waited = (time.perf_counter_ns() - enqueued) / 1e9
-                raise DeadlineExceeded(
-                    f"the deadline passed while the request waited {waited:.3f} s for session "
-                    f"{request.sequence_id!r}; its batch was not applied"
+                raise error(
+                    f"{what} while the request waited {waited:.3f} s for session {request.sequence_id!r}; "
+                    "its batch was not applied"
                 )
             self._check_same_weights(model, session)
             start = time.perf_counter_ns()

@@ -15,7 +15,7 @@ from tritonclient.utils import InferenceServerException
 
 from opskit.procs import wait_until
 from ttaserve.server.batching import DynamicBatcher
-from ttaserve.server.errors import DeadlineExceeded
+from ttaserve.server.errors import Cancelled, DeadlineExceeded
 
 
 def test_batcher_returns_each_callers_rows() -> None:
@@ -146,6 +146,34 @@ def test_a_request_whose_deadline_passed_in_the_queue_is_not_run() -> None:
             late.result(30)
         assert running.result(30).output.shape == (1, 2)
     assert sizes == [1, 3], "the expired request took no rows in any execution"
+
+
+def test_a_request_whose_client_left_while_queued_is_not_run() -> None:
+    """Behind a running execution, a request whose client went away is answered CANCELLED without taking a forward
+    pass; the one queued with it still runs."""
+    release = threading.Event()
+    sizes: list[int] = []
+    gone = threading.Event()
+
+    def run(x: np.ndarray) -> np.ndarray:
+        sizes.append(len(x))
+        release.wait(30)
+        return x + 1.0
+
+    batcher = DynamicBatcher(run, max_batch_size=8)
+    with ThreadPoolExecutor(3) as pool:
+        running = pool.submit(batcher.submit, np.zeros((1, 2), np.float32), None, gone.is_set)
+        wait_until(lambda: sizes == [1], 10, "the first execution running")
+        left = pool.submit(batcher.submit, np.zeros((2, 2), np.float32), None, gone.is_set)
+        staying = pool.submit(batcher.submit, np.ones((3, 2), np.float32), None, lambda: False)
+        wait_until(lambda: len(batcher._queue) == 2, 10, "both requests queued")
+        gone.set()  # the first two clients leave; the running execution is not interrupted
+        release.set()
+        np.testing.assert_array_equal(staying.result(30).output, np.full((3, 2), 2.0, np.float32))
+        with pytest.raises(Cancelled, match="client went away"):
+            left.result(30)
+        assert running.result(30).output.shape == (1, 2)
+    assert sizes == [1, 3], "the abandoned request took no rows in any execution"
 
 
 def test_concurrent_grpc_clients_get_their_own_rows(url: str, real_images: np.ndarray, server) -> None:
