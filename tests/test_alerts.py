@@ -18,6 +18,8 @@ ALERTS = (
     "TtaserveSessionCollapses",
     "TtaserveCertificateExpiresSoon",
     "TtaserveCertificateReloadRejected",
+    "TtaserveClientCaExpiresSoon",
+    "TtaserveInputDrift",
 )
 
 
@@ -29,7 +31,7 @@ def promtool(*args: str) -> str:
 
 
 def test_rules_pass_promtool_check() -> None:
-    assert "SUCCESS: 9 rules found" in promtool("check", "rules", "alerts.yml")
+    assert "SUCCESS: 11 rules found" in promtool("check", "rules", "alerts.yml")
 
 
 def test_rules_unit_tests_pass() -> None:

@@ -10,10 +10,12 @@ from pathlib import Path
 
 import jsonschema
 import pytest
+import trustme
 
 from opskit.dashboard import SCHEMA, load_dashboard, panel_queries
 from ttaserve.server.metrics import Metrics
 from ttaserve.server.sessions import SessionTable
+from ttaserve.server.tls import TlsConfig, TlsReloader, load_tls
 
 REQUIRED_PANELS = (
     "Throughput",
@@ -26,6 +28,19 @@ REQUIRED_PANELS = (
     "Session state memory",
     "Model ready",
 )
+
+
+def tls_files(folder: Path) -> TlsConfig:
+    """A server certificate and key, and a client CA, as a mutual-TLS server loads them."""
+    ca = trustme.CA()
+    leaf = ca.issue_cert("localhost")
+    cert, key, client_ca = folder / "tls.crt", folder / "tls.key", folder / "ca.crt"
+    cert.write_bytes(b"".join(blob.bytes() for blob in leaf.cert_chain_pems))
+    key.write_bytes(leaf.private_key_pem.bytes())
+    ca.cert_pem.write_to_path(str(client_ca))
+    config = load_tls(cert, key, client_ca)
+    assert config is not None
+    return config
 
 
 @pytest.fixture(scope="module")
@@ -82,6 +97,7 @@ def test_operators_panels_are_there() -> None:
 def test_queries_use_only_exported_metrics(tmp_path: Path) -> None:
     metrics = Metrics()
     metrics.watch_sessions(SessionTable(1, 1.0, tmp_path))
+    metrics.watch_tls(TlsReloader(tls_files(tmp_path), interval_s=60))  # what a TLS server adds
     exported = set()
     for family in metrics.registry.collect():
         exported.add(family.name)
