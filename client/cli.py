@@ -97,6 +97,10 @@ def _build_parser() -> argparse.ArgumentParser:
         default=None,
         help="let clients on this host pass tensors through /dev/shm (Triton's system shared-memory extension)",
     )
+    serve.add_argument("--log-format", choices=("text", "json"), default=None, help="json: one object per line")
+    serve.add_argument(
+        "--log-requests", action="store_const", const=True, default=None, help="log every inference request"
+    )
     serve.add_argument("--tls-cert", type=Path, default=None, help="PEM certificate chain: TLS on gRPC and REST")
     serve.add_argument("--tls-key", type=Path, default=None, help="PEM private key of --tls-cert")
     serve.add_argument(
@@ -160,6 +164,8 @@ def _serve(args: argparse.Namespace) -> int:
         tls_cert=args.tls_cert,
         tls_key=args.tls_key,
         tls_client_ca=args.tls_client_ca,
+        log_format=args.log_format,
+        log_requests=args.log_requests,
     )
     if args.no_metrics:
         settings = settings.model_copy(update={"metrics_port": None})

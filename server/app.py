@@ -32,6 +32,7 @@ from .ops_http import LIVE_PATH, READY_PATH
 from .pipeline import Pipeline
 from .repository import ModelRepository
 from .repository_poller import RepositoryPoller
+from .server_logging import configure_logging
 from .sessions import SessionTable
 from .settings import ServerSettings
 from .shared_memory import SharedMemoryRegistry
@@ -171,7 +172,7 @@ def _bind_and_start(server: grpc.Server | NativeServer, address: str, tls: TlsRe
 
 
 def start_server(settings: ServerSettings) -> ServerHandle:
-    logging.basicConfig(level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    configure_logging(settings.log_level, settings.log_format, settings.log_requests)
     # PyTorch computes on one thread with settings.torch_threads intra-op threads; every other thread, single-threaded
     compute.acquire(settings.torch_threads)
     try:

@@ -13,8 +13,10 @@ import gzip
 import json
 import logging
 import re
+import select
 import socket
 import ssl
+import sys
 import threading
 import zlib
 from collections.abc import Callable, Sequence
@@ -35,7 +37,7 @@ from ttaserve.protocol import kserve_v2_pb2 as pb
 from . import compute
 from .adaptation_service import AdaptationServicer
 from .errors import InvalidArgument, ServingError
-from .inference_service import CALLER_METADATA, InferenceServicer, server_version
+from .inference_service import CALLER_METADATA, InferenceServicer, caller_of, server_version
 from .rest_codec import encode_infer_response, load_json_object, message_to_json, parse_infer_body
 from .tls import auth_context_of_certificate
 
@@ -60,6 +62,7 @@ HTTP_STATUS = {
     grpc.StatusCode.UNIMPLEMENTED: 501,
     grpc.StatusCode.UNAVAILABLE: 503,
     grpc.StatusCode.DEADLINE_EXCEEDED: 504,
+    grpc.StatusCode.CANCELLED: 499,  # nginx's "client closed request": nobody reads it, but the access log does
 }
 
 
@@ -73,12 +76,25 @@ class HttpError(Exception):
 
 class HttpContext:
     """What the servicers use of ``grpc.ServicerContext``: the caller's identity (the ``ttaserve-caller`` header
-    plays gRPC's metadata; under mutual TLS, the client certificate) and ``abort``. HTTP requests carry no
-    deadline."""
+    plays gRPC's metadata; under mutual TLS, the client certificate), ``abort``, and whether the client still
+    waits. HTTP requests carry no transport deadline (Triton's ``timeout`` parameter is one)."""
 
-    def __init__(self, caller: str | None, auth: dict[str, list[bytes]] | None = None) -> None:
+    def __init__(
+        self, caller: str | None, auth: dict[str, list[bytes]] | None = None, connection: socket.socket | None = None
+    ) -> None:
         self._metadata = ((CALLER_METADATA, caller),) if caller else ()
         self._auth = auth or {}
+        self._connection = connection
+
+    def is_active(self) -> bool:
+        """False once the client closed or reset its connection. Asked of the socket without reading from it (the
+        next pipelined request, or TLS records, stay where they are): HTTP/1.1 clients do not half-close while they
+        wait for an answer, so a hang-up is the client leaving."""
+        if self._connection is None:
+            return True
+        poller = select.poll()
+        poller.register(self._connection.fileno(), select.POLLRDHUP | select.POLLHUP | select.POLLERR)
+        return not poller.poll(0)
 
     def invocation_metadata(self) -> tuple[tuple[str, str], ...]:
         return self._metadata
@@ -220,7 +236,8 @@ class RestApi:
         try:
             parsed = parse_infer_body(name, version, call.body, _header_length(call.headers))
         except ServingError as exc:
-            self.inference.pipeline.record_rejected(pb.ModelInferRequest(model_name=name, model_version=version), exc)
+            unparsed = pb.ModelInferRequest(model_name=name, model_version=version)
+            self.inference.pipeline.record_rejected(unparsed, caller_of(call.context), exc)
             raise
         encoded = encode_infer_response(self.inference.ModelInfer(parsed.request, call.context), parsed)
         if encoded.json_length is None:
@@ -404,7 +421,7 @@ class _RequestHandler(BaseHTTPRequestHandler):
             path = urlsplit(self.path).path
             handler, params = self.api.find(method, path)
             body = self._read_body()
-            context = HttpContext(self.headers.get(CALLER_METADATA), self.auth)
+            context = HttpContext(self.headers.get(CALLER_METADATA), self.auth, self.connection)
             reply = handler(Call(params, body, self.headers, context))
         except HttpError as exc:
             reply = json_reply({"error": exc.message}, exc.status)
@@ -515,6 +532,15 @@ class _Server(ThreadingHTTPServer):
             super().process_request_thread(request, client_address)
         finally:
             self._slots.release()
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        """A client that hangs up before its answer is sent is routine (a cancelled call, a closed browser tab):
+        a debug line, not the traceback ``socketserver`` prints on stderr; anything else is logged as an error."""
+        error = sys.exc_info()[1]
+        if isinstance(error, ConnectionError | ssl.SSLError | TimeoutError):
+            log.debug("HTTP client %s went away: %s", client_address, error)
+            return
+        log.exception("HTTP connection from %s failed", client_address)
 
 
 def _busy_response(max_connections: int) -> bytes:

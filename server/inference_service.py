@@ -151,12 +151,12 @@ class InferenceServicer(grpc_service_pb2_grpc.GRPCInferenceServiceServicer):
         raise AssertionError("unreachable")
 
     @contextmanager
-    def _admitted(self, request: pb.ModelInferRequest) -> Iterator[None]:
+    def _admitted(self, request: pb.ModelInferRequest, caller: str) -> Iterator[None]:
         """Count the request in flight; while draining, refuse it (and count the refusal in the metrics)."""
         try:
             self.inflight.enter()
         except Unavailable as exc:
-            self.pipeline.record_rejected(request, exc)
+            self.pipeline.record_rejected(request, caller, exc)
             raise
         try:
             yield
@@ -276,7 +276,7 @@ class InferenceServicer(grpc_service_pb2_grpc.GRPCInferenceServiceServicer):
         caller = caller_of(context)
 
         def run() -> pb.ModelInferResponse:
-            with self._admitted(request):
+            with self._admitted(request, caller):
                 return self.pipeline.infer(request, caller, deadline_of(context), abandoned_of(context))
 
         return self._call(context, run)
@@ -288,7 +288,7 @@ class InferenceServicer(grpc_service_pb2_grpc.GRPCInferenceServiceServicer):
         caller = caller_of(context)
         for request in request_iterator:
             try:
-                with self._admitted(request):
+                with self._admitted(request, caller):
                     response = self.pipeline.infer(request, caller, deadline_of(context), abandoned_of(context))
             except ServingError as exc:
                 yield pb.ModelStreamInferResponse(error_message=f"{exc.code.name}: {exc.message}")

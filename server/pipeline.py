@@ -35,6 +35,7 @@ from .request import (
     request_deadline,
     settings_json,
 )
+from .request_log import log_request
 from .sessions import AppliedRequest, Session, SessionKey, SessionTable, marginal_entropy, session_from_payload
 from .shared_memory import BYTE_SIZE_PARAMETER, OFFSET_PARAMETER, REGION_PARAMETER, SharedMemoryRegistry
 from .warmup import initial_state
@@ -85,7 +86,7 @@ class Pipeline:
         try:
             model = self.repository.get(request.model_name, request.model_version)
         except ServingError as exc:
-            self.record_rejected(request, exc, start)
+            self.record_rejected(request, caller, exc, start)
             raise
         strategy = requested_strategy(request)
         try:
@@ -100,9 +101,11 @@ class Pipeline:
             response = build_response(request, model, parsed, result, probabilities)
         except ServingError as exc:
             self._record_failure(model, strategy, start, exc.code.name)
+            log_request(request, caller, strategy, exc.code.name, start, error=exc.message)
             raise
-        except Exception:
+        except Exception as exc:
             self._record_failure(model, strategy, start, "INTERNAL")
+            log_request(request, caller, strategy, "INTERNAL", start, error=f"{type(exc).__name__}: {exc}")
             raise
         end = time.perf_counter_ns()
         rows = len(parsed.images)
@@ -117,6 +120,7 @@ class Pipeline:
         )
         compute_s = (run_ns - parsed_ns - result.queue_ns) / 1e9
         self._record_success(model, parsed, result, probabilities, (end - start) / 1e9, compute_s)
+        log_request(request, caller, strategy, "OK", start, response)
         return response
 
     # --- running a batch --------------------------------------------------------------------------------------
@@ -345,16 +349,22 @@ class Pipeline:
 
     # --- metrics --------------------------------------------------------------------------------------------
 
-    def record_rejected(self, request: pb.ModelInferRequest, exc: ServingError, start: int | None = None) -> None:
-        """Count a request refused before it reached a model: unknown or unready model or version, server draining.
-        A model name that is not loaded is counted as ``unknown`` (clients choose it: no unbounded labels)."""
+    def record_rejected(
+        self, request: pb.ModelInferRequest, caller: str, exc: ServingError, start: int | None = None
+    ) -> None:
+        """Count (and log) a request refused before it reached a model: unknown or unready model or version, server
+        draining, a REST body that does not parse. A model name that is not loaded is counted as ``unknown`` (clients
+        choose it: no unbounded labels)."""
         try:
             model = self.repository.get(request.model_name, request.model_version)
             name, version = model.name, str(model.version)
         except ServingError:
             name, version = UNKNOWN, ""
-        elapsed = 0.0 if start is None else (time.perf_counter_ns() - start) / 1e9
-        self.metrics.record_failure(name, version, requested_strategy(request), exc.code.name, elapsed)
+        now = time.perf_counter_ns()
+        start = now if start is None else start
+        strategy = requested_strategy(request)
+        self.metrics.record_failure(name, version, strategy, exc.code.name, (now - start) / 1e9)
+        log_request(request, caller, strategy, exc.code.name, start, error=exc.message)
 
     def _record_failure(self, model: LoadedModel, strategy: str, start: int, status_name: str) -> None:
         elapsed = time.perf_counter_ns() - start

@@ -67,6 +67,10 @@ class ServerSettings(BaseSettings):
     #: how often the TLS files are read again, so a rotated certificate is served without a restart
     tls_reload_interval_s: float = Field(default=60.0, gt=0)
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    #: 'json': one JSON object per line (time, level, logger, message and a record's own fields) for log pipelines
+    log_format: Literal["text", "json"] = "text"
+    #: one INFO line per inference request (model, strategy, caller, session, request id, images, status, ms)
+    log_requests: bool = False
 
     @classmethod
     def from_sources(cls, config_file: Path | None = None, **overrides: Any) -> ServerSettings:

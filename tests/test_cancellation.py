@@ -1,11 +1,14 @@
-"""A request whose client cancels it while it waits in the batcher's queue is dropped unrun, on both gRPC front ends
-(the client's cancel reaches the server as the end of the call)."""
+"""A request whose client leaves while it waits in the batcher's queue or for its session is dropped unrun: on both
+gRPC front ends the client's cancel reaches the server as the end of the call, over HTTP as the connection closing."""
 
 from __future__ import annotations
 
+import json
+import socket
 import threading
 import time
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -13,6 +16,7 @@ import grpc
 import numpy as np
 import pytest
 import tritonclient.grpc as tc
+import tritonclient.http as httpclient
 from support import cifar_resnet20_config, native_frontend_or_skip, seeded_resnet20, start, write_model
 
 from opskit.procs import wait_until
@@ -53,6 +57,12 @@ def infer_request(images: np.ndarray) -> tc.service_pb2.ModelInferRequest:
     request.inputs.extend([tensor._get_tensor()])
     request.raw_input_contents.extend([tensor._get_content()])
     return request
+
+
+def http_input(images: np.ndarray) -> httpclient.InferInput:
+    tensor = httpclient.InferInput("input", list(images.shape), "UINT8")
+    tensor.set_data_from_numpy(images)
+    return tensor
 
 
 def test_a_cancelled_request_is_not_run(served: ServerHandle, real_images: np.ndarray) -> None:
@@ -112,3 +122,46 @@ def test_a_session_step_cancelled_while_waiting_for_its_session_is_not_applied(
         last = infer(session_request(real_images[3:6], sequence_end=True), timeout=30)
     assert last.parameters["tta_session_steps"].int64_param == 2, "the cancelled step was not applied"
     assert stalled.sizes == [1, 3]
+
+
+def test_a_rest_request_whose_client_hung_up_is_not_run(
+    served: ServerHandle, real_images: np.ndarray, capfd: pytest.CaptureFixture[str]
+) -> None:
+    """Over HTTP the client leaves by closing its connection; the queued request is dropped unrun, and the answer
+    that cannot be delivered is no traceback on stderr."""
+    batcher = served.repository.get("m").batcher
+    stalled = Stall(batcher._run, len)
+    batcher._run = stalled
+    url = f"127.0.0.1:{served.http_port}"
+    first, staying = (httpclient.InferenceServerClient(url) for _ in range(2))
+    with ThreadPoolExecutor(2) as pool:
+        running = pool.submit(first.infer, "m", [http_input(real_images[:1])])
+        wait_until(lambda: stalled.sizes == [1], 10, "the first execution running")
+        body = json.dumps(
+            {
+                "inputs": [
+                    {
+                        "name": "input",
+                        "shape": [2, 32, 32, 3],
+                        "datatype": "UINT8",
+                        "data": real_images[1:3].ravel().tolist(),
+                    }
+                ]
+            }
+        ).encode()
+        with socket.create_connection(("127.0.0.1", served.http_port)) as hanging_up:
+            hanging_up.sendall(
+                b"POST /v2/models/m/infer HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                + f"Content-Length: {len(body)}\r\n\r\n".encode()
+                + body
+            )
+            wait_until(lambda: len(batcher._queue) == 1, 10, "the request queued")
+        left = batcher._queue[0]
+        wait_until(left.abandoned, 10, "the server seeing the hang-up")
+        waiting = pool.submit(staying.infer, "m", [http_input(real_images[3:6])])
+        wait_until(lambda: len(batcher._queue) == 2, 10, "the second request queued")
+        stalled.release.set()
+        assert running.result(30).as_numpy("logits").shape == (1, 10)
+        assert waiting.result(30).as_numpy("logits").shape == (3, 10)
+    assert stalled.sizes == [1, 3], "the abandoned request's two rows took part in no forward pass"
+    assert "Traceback" not in capfd.readouterr().err

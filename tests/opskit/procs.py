@@ -149,8 +149,11 @@ class ServerProcess:
         return total
 
 
-def start_ttaserve(workdir: Path, repo: Path, snapshot_dir: Path, name: str = "ttaserve") -> ServerProcess:
-    """Start ``ttaserve serve`` as a child process; call ``wait_serving`` before using it."""
+def start_ttaserve(
+    workdir: Path, repo: Path, snapshot_dir: Path, name: str = "ttaserve", extra_args: Sequence[str] = ()
+) -> ServerProcess:
+    """Start ``ttaserve serve`` as a child process (``extra_args``: more of its flags); call ``wait_serving``
+    before using it."""
     grpc_port, metrics_port = free_port(), free_port()
     args = [
         sys.executable,
@@ -170,6 +173,7 @@ def start_ttaserve(workdir: Path, repo: Path, snapshot_dir: Path, name: str = "t
         str(snapshot_dir),
         "--device",
         "cpu",
+        *extra_args,
     ]
     env = {**os.environ, "TTASERVE_TORCH_THREADS": "1", "PYTHONUNBUFFERED": "1"}
     return ServerProcess(spawn(name, args, workdir, env), grpc_port, metrics_port)
