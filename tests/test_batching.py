@@ -121,39 +121,12 @@ def test_two_instances_with_a_queue_delay_serve_every_request_once() -> None:
     assert min(probe.sizes) >= 1 and sum(probe.sizes) == 30
 
 
-def test_a_request_whose_deadline_passed_in_the_queue_is_not_run() -> None:
-    """Behind a running execution, a request whose deadline passes is answered DEADLINE_EXCEEDED without taking a
-    forward pass; the one queued with it still runs."""
-    release = threading.Event()
+@pytest.mark.parametrize(("gives_up", "error"), [("deadline", DeadlineExceeded), ("client leaves", Cancelled)])
+def test_a_request_nobody_waits_for_any_more_is_not_run(gives_up: str, error: type[Exception]) -> None:
+    """Behind a running execution, a request whose deadline passes, or whose client goes away, is answered without
+    taking a forward pass; the one queued with it still runs."""
+    release, gone = threading.Event(), threading.Event()
     sizes: list[int] = []
-
-    def run(x: np.ndarray) -> np.ndarray:
-        sizes.append(len(x))
-        release.wait(30)
-        return x + 1.0
-
-    batcher = DynamicBatcher(run, max_batch_size=8)
-    with ThreadPoolExecutor(3) as pool:
-        running = pool.submit(batcher.submit, np.zeros((1, 2), np.float32))
-        wait_until(lambda: sizes == [1], 10, "the first execution running")
-        late = pool.submit(batcher.submit, np.zeros((2, 2), np.float32), time.monotonic() + 0.05)
-        patient = pool.submit(batcher.submit, np.ones((3, 2), np.float32), time.monotonic() + 60)
-        wait_until(lambda: len(batcher._queue) == 2, 10, "both requests queued")
-        time.sleep(0.1)  # past the first one's deadline
-        release.set()
-        np.testing.assert_array_equal(patient.result(30).output, np.full((3, 2), 2.0, np.float32))
-        with pytest.raises(DeadlineExceeded, match="in the queue"):
-            late.result(30)
-        assert running.result(30).output.shape == (1, 2)
-    assert sizes == [1, 3], "the expired request took no rows in any execution"
-
-
-def test_a_request_whose_client_left_while_queued_is_not_run() -> None:
-    """Behind a running execution, a request whose client went away is answered CANCELLED without taking a forward
-    pass; the one queued with it still runs."""
-    release = threading.Event()
-    sizes: list[int] = []
-    gone = threading.Event()
 
     def run(x: np.ndarray) -> np.ndarray:
         sizes.append(len(x))
@@ -164,16 +137,18 @@ def test_a_request_whose_client_left_while_queued_is_not_run() -> None:
     with ThreadPoolExecutor(3) as pool:
         running = pool.submit(batcher.submit, np.zeros((1, 2), np.float32), None, gone.is_set)
         wait_until(lambda: sizes == [1], 10, "the first execution running")
-        left = pool.submit(batcher.submit, np.zeros((2, 2), np.float32), None, gone.is_set)
-        staying = pool.submit(batcher.submit, np.ones((3, 2), np.float32), None, lambda: False)
+        leaving = (time.monotonic() + 0.05, None) if gives_up == "deadline" else (None, gone.is_set)
+        left = pool.submit(batcher.submit, np.zeros((2, 2), np.float32), *leaving)
+        staying = pool.submit(batcher.submit, np.ones((3, 2), np.float32), time.monotonic() + 60, lambda: False)
         wait_until(lambda: len(batcher._queue) == 2, 10, "both requests queued")
-        gone.set()  # the first two clients leave; the running execution is not interrupted
+        gone.set()  # the running execution is not interrupted
+        time.sleep(0.1)  # past the deadline
         release.set()
         np.testing.assert_array_equal(staying.result(30).output, np.full((3, 2), 2.0, np.float32))
-        with pytest.raises(Cancelled, match="client went away"):
+        with pytest.raises(error, match="in the queue"):
             left.result(30)
         assert running.result(30).output.shape == (1, 2)
-    assert sizes == [1, 3], "the abandoned request took no rows in any execution"
+    assert sizes == [1, 3], "the request nobody waited for took no rows in any execution"
 
 
 def test_concurrent_grpc_clients_get_their_own_rows(url: str, real_images: np.ndarray, server) -> None:
