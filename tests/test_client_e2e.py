@@ -21,6 +21,7 @@ from PIL import Image
 from opskit.procs import wait_until
 from ttaserve.client import (
     AsyncClient,
+    BatchResult,
     Client,
     DeadlineExceeded,
     InvalidArgument,
@@ -288,6 +289,30 @@ def test_a_session_step_whose_answer_was_lost_is_retried_and_applied_once(
     for expected, result in zip(reference, got, strict=True):
         np.testing.assert_array_equal(np.stack([c.logits for c in result]), expected)
     assert _replays(server) == replays + 1
+
+
+def test_the_async_client_retries_a_lost_session_answer_too(server: ServerHandle, url: str, images: np.ndarray) -> None:
+    """The asyncio client shares the retry policy and the request ids: the same lost answer, the same stream."""
+    batches = [np.roll(images, shift, axis=0)[..., None] for shift in range(3)]
+    reference = _session_logits(url, "lossless-async", batches)
+
+    async def run(link: LossyLink) -> list[BatchResult]:
+        async with (
+            AsyncClient(f"127.0.0.1:{link.port}", timeout_s=30) as client,
+            client.session("lossy-async", strategy="tent") as session,
+        ):
+            got = [await session.classify(batches[0])]
+            cutter = _lose_the_answer_of_step(server, link, "lossy-async", 2)
+            got.append(await session.classify(batches[1]))
+            cutter.join()
+            got.append(await session.classify(batches[2]))
+            return got
+
+    with LossyLink(server.grpc_port) as link:
+        got = asyncio.run(run(link))
+    assert [(r.session_event, r.session_steps) for r in got] == [("started", 1), ("replayed", 2), (None, 3)]
+    for expected, result in zip(reference, got, strict=True):
+        np.testing.assert_array_equal(np.stack([c.logits for c in result]), expected)
 
 
 def test_a_failed_batch_sent_again_keeps_its_request_id(server: ServerHandle, url: str, images: np.ndarray) -> None:
