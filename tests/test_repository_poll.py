@@ -7,14 +7,17 @@ import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
+import grpc
 import numpy as np
 import pytest
 import torch
 import tritonclient.grpc as tc
 import yaml
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 from support import cifar_resnet20_config, seeded_resnet20, start, write_model
 
 from opskit.procs import wait_until
+from ttaserve.server.app import ServerHandle
 from ttaserve.server.repository import ModelRepository
 from ttaserve.server.repository_poller import RepositoryPoller, fingerprint
 
@@ -131,19 +134,28 @@ def test_fingerprints_follow_links_and_skip_hidden_names(tmp_path: Path) -> None
     assert fingerprint(model) != first
 
 
+def model_health(server: ServerHandle, name: str) -> str:
+    """What gRPC health checking says of ``name``."""
+    with grpc.insecure_channel(f"127.0.0.1:{server.grpc_port}") as channel:
+        answer = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service=name), timeout=10)
+    return health_pb2.HealthCheckResponse.ServingStatus.Name(answer.status)
+
+
 def test_the_server_serves_what_lands_in_its_repository(repo: Path, real_images: np.ndarray) -> None:
     """End to end with ``repository_poll_s``: a model folder moved into the repository is served, its removal ends
-    it; tritonclient sees both."""
+    it; tritonclient and gRPC health checking see both."""
     server = start(repo, repository_poll_s=0.1)
     try:
         client = tc.InferenceServerClient(f"127.0.0.1:{server.grpc_port}")
         add_model(repo, "b", seed=2)
         wait_until(lambda: client.is_model_ready("b"), 30, "model b loaded from the repository")
+        assert model_health(server, "b") == "SERVING"
         tensor = tc.InferInput("input", [2, 32, 32, 3], "UINT8")
         tensor.set_data_from_numpy(real_images[:2])
         assert client.infer("b", [tensor]).as_numpy("logits").shape == (2, 10)
         shutil.rmtree(repo / "b")
         wait_until(lambda: not client.is_model_ready("b"), 30, "model b unloaded")
+        assert model_health(server, "b") == "NOT_SERVING"
         assert client.is_model_ready("a")
         assert server.metrics.registry.get_sample_value("ttaserve_model_ready", {"model": "b", "version": "1"}) == 0
     finally:
