@@ -69,7 +69,7 @@ def caller_of(context: grpc.ServicerContext, named: str = "") -> str:
     identity = identity_of(context.auth_context())
     if identity is None:
         return named[:MAX_CALLER_CHARS] or ANONYMOUS
-    if not named or named == identity or named.startswith(f"{identity}/"):
+    if not named or _within(identity, named):
         return (named or identity)[:MAX_CALLER_CHARS]
     return f"{identity}/{named}"[:MAX_CALLER_CHARS]
 
@@ -78,7 +78,12 @@ def visible_to(context: grpc.ServicerContext, caller: str) -> bool:
     """Whether a session of ``caller`` may be listed to every caller of this RPC: always in plaintext or one-way
     TLS (callers are not authenticated there), only the certificate's own namespace under mutual TLS."""
     identity = identity_of(context.auth_context())
-    return identity is None or caller == identity or caller.startswith(f"{identity}/")
+    return identity is None or _within(identity, caller)
+
+
+def _within(identity: str, caller: str) -> bool:
+    """Whether ``caller`` lies in the namespace of the client certificate named ``identity``."""
+    return caller == identity or caller.startswith(f"{identity}/")
 
 
 def deadline_of(context: grpc.ServicerContext) -> float | None:

@@ -100,12 +100,10 @@ class Pipeline:
             probabilities = softmax(result.logits)
             response = build_response(request, model, parsed, result, probabilities)
         except ServingError as exc:
-            self._record_failure(model, strategy, start, exc.code.name)
-            log_request(request, caller, strategy, exc.code.name, start, error=exc.message)
+            self._record_failure(model, request, caller, strategy, start, exc.code.name, exc.message)
             raise
         except Exception as exc:
-            self._record_failure(model, strategy, start, "INTERNAL")
-            log_request(request, caller, strategy, "INTERNAL", start, error=f"{type(exc).__name__}: {exc}")
+            self._record_failure(model, request, caller, strategy, start, "INTERNAL", f"{type(exc).__name__}: {exc}")
             raise
         end = time.perf_counter_ns()
         rows = len(parsed.images)
@@ -171,9 +169,8 @@ class Pipeline:
     ) -> RunResult:
         """One step of a session, applied exactly once: a request whose deadline passed, or whose client left, while
         it waited for the session is refused unapplied (its client has given up and may retry), and a retried
-        request (the same
-        ``id`` and inputs as the session's last applied one, even one that ended the session) gets that request's
-        answer again."""
+        request (the same ``id`` and inputs as the session's last applied one, even one that ended the session) gets
+        that request's answer again."""
         key = SessionKey(caller, model.name, parsed.strategy, request.sequence_id)
         strategy = model.strategy(parsed.strategy)
         digest = hashlib.blake2b(parsed.images.tobytes(), digest_size=16).digest() if request_id else b""
@@ -366,10 +363,21 @@ class Pipeline:
         self.metrics.record_failure(name, version, strategy, exc.code.name, (now - start) / 1e9)
         log_request(request, caller, strategy, exc.code.name, start, error=exc.message)
 
-    def _record_failure(self, model: LoadedModel, strategy: str, start: int, status_name: str) -> None:
+    def _record_failure(
+        self,
+        model: LoadedModel,
+        request: pb.ModelInferRequest,
+        caller: str,
+        strategy: str,
+        start: int,
+        status_name: str,
+        error: str,
+    ) -> None:
+        """Count (and log) a request that reached ``model`` and failed with ``status_name`` and ``error``."""
         elapsed = time.perf_counter_ns() - start
         model.statistics.record_request(ok=False, total_ns=elapsed)
         self.metrics.record_failure(model.name, str(model.version), strategy, status_name, elapsed / 1e9)
+        log_request(request, caller, strategy, status_name, start, error=error)
 
     def _record_success(
         self,
