@@ -93,7 +93,7 @@ struct Call {
   int reading = kReadOne;
   bool unary = false;
   bool done = false, finishing = false, write_in_flight = false, finish_queued = false;
-  int ops_pending = 0;  // operations handed to gRPC whose tag has not come back
+  int ops_pending = 0;  // operations handed to gRPC whose tag has not come back, and holds taken by Pin
   std::deque<grpc::ByteBuffer> writes;
   grpc::ByteBuffer outgoing;
   grpc::Status final_status;
@@ -184,26 +184,38 @@ class Frontend {
   }
 
   int Write(uint64_t id, const char* data, size_t length) {
-    Call* call = Find(id);
+    Call* call = Pin(id);
     if (call == nullptr) return -1;
-    std::lock_guard<std::mutex> lock(call->mutex);
-    if (call->done || call->finish_queued) return -1;
-    call->writes.push_back(ToBuffer(data, length));
-    PumpLocked(call);
-    return 0;
+    int result = -1;
+    {
+      std::lock_guard<std::mutex> lock(call->mutex);
+      if (!call->done && !call->finish_queued) {
+        call->writes.push_back(ToBuffer(data, length));
+        PumpLocked(call);
+        result = 0;
+      }
+    }
+    Release(call);
+    return result;
   }
 
   int Finish(uint64_t id, int code, const char* details, const char* data, size_t length, int has_message) {
-    Call* call = Find(id);
+    Call* call = Pin(id);
     if (call == nullptr) return -1;
-    std::lock_guard<std::mutex> lock(call->mutex);
-    if (call->done || call->finish_queued) return -1;
-    call->finish_queued = true;
-    call->final_status = grpc::Status(static_cast<grpc::StatusCode>(code), details);
-    call->final_has_message = has_message != 0;
-    if (has_message) call->final_message = ToBuffer(data, length);
-    PumpLocked(call);
-    return 0;
+    int result = -1;
+    {
+      std::lock_guard<std::mutex> lock(call->mutex);
+      if (!call->done && !call->finish_queued) {
+        call->finish_queued = true;
+        call->final_status = grpc::Status(static_cast<grpc::StatusCode>(code), details);
+        call->final_has_message = has_message != 0;
+        if (has_message) call->final_message = ToBuffer(data, length);
+        PumpLocked(call);
+        result = 0;
+      }
+    }
+    Release(call);
+    return result;
   }
 
  private:
@@ -213,10 +225,16 @@ class Frontend {
     return static_cast<int>(ports_.size()) - 1;
   }
 
-  Call* Find(uint64_t id) {
-    std::lock_guard<std::mutex> lock(calls_mutex_);
+  // The call with this id, held alive until the caller's Release: the hold is taken under the table's lock, so a
+  // done tag that arrives meanwhile (it takes the call out of the table first) cannot free the call underneath.
+  Call* Pin(uint64_t id) {
+    std::lock_guard<std::mutex> table_lock(calls_mutex_);
     auto found = calls_.find(id);
-    return found == calls_.end() ? nullptr : found->second;
+    if (found == calls_.end()) return nullptr;
+    Call* call = found->second;
+    std::lock_guard<std::mutex> call_lock(call->mutex);
+    ++call->ops_pending;
+    return call;
   }
 
   void RequestCall() {
@@ -301,12 +319,12 @@ class Frontend {
     }
     if (!shut_down_) RequestCall();
     {
-      std::lock_guard<std::mutex> lock(calls_mutex_);
-      calls_[call->id] = call;
+      std::lock_guard<std::mutex> lock(call->mutex);
+      ++call->ops_pending;  // the done tag, counted before the call can be found (and pinned) in the table
     }
     {
-      std::lock_guard<std::mutex> lock(call->mutex);
-      ++call->ops_pending;  // the done tag
+      std::lock_guard<std::mutex> lock(calls_mutex_);
+      calls_[call->id] = call;
     }
     if (unary_methods_.count(call->context.method()) != 0) {
       call->unary = true;
@@ -363,7 +381,7 @@ class Frontend {
     Release(call);
   }
 
-  // One operation's tag came back: free the call once nothing is pending and it is done.
+  // One operation's tag came back, or a Pin's hold ended: free the call once nothing is pending and it is done.
   void Release(Call* call) {
     bool free_it;
     {
