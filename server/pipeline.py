@@ -182,20 +182,27 @@ class Pipeline:
         if event:
             self.metrics.sessions_opened.labels(model.name, parsed.strategy, event).inc()
         enqueued = time.perf_counter_ns()
-        with session.lock.hold():
+
+        def unapplied() -> ServingError | None:
+            """The error to answer once the client stops waiting for its turn in the session, else None."""
+            reason = no_longer_awaited(deadline, abandoned, time.monotonic())
+            if reason is None:
+                return None
+            error, what = reason
+            waited = (time.perf_counter_ns() - enqueued) / 1e9
+            return error(
+                f"{what} while the request waited {waited:.3f} s for session {request.sequence_id!r}; "
+                "its batch was not applied"
+            )
+
+        with session.lock.hold(unapplied):
             if session.ended:
                 raise NotFound(f"session {request.sequence_id!r} ended while this request waited for it")
             replayed = self._replay(model, parsed, request, session.last_request, request_id, digest)
             if replayed is not None:
                 return replayed
-            reason = no_longer_awaited(deadline, abandoned, time.monotonic())
-            if reason is not None:
-                error, what = reason
-                waited = (time.perf_counter_ns() - enqueued) / 1e9
-                raise error(
-                    f"{what} while the request waited {waited:.3f} s for session {request.sequence_id!r}; "
-                    "its batch was not applied"
-                )
+            if (error := unapplied()) is not None:
+                raise error
             self._check_same_weights(model, session)
             start = time.perf_counter_ns()
             x = torch.from_numpy(parsed.images).to(model.device)

@@ -48,26 +48,41 @@ class SessionKey:
         return hashlib.sha256(text.encode()).hexdigest()[:32]
 
 
-class _FifoLock:
-    """A lock granted in request order."""
+class FifoLock:
+    """A lock granted in request order, that a waiter may stop waiting for.
+
+    A waiter that gives up (its ``give_up`` returns an exception: the client left, or its deadline passed) leaves its
+    place in the line and raises that exception at once, instead of waiting behind a long adaptation step for an
+    answer nobody will read; the turn it held is skipped when it comes."""
+
+    #: how often a waiter asks ``give_up`` (a cancel is noticed at most this late)
+    POLL_S = 0.02
 
     def __init__(self) -> None:
         self._cond = threading.Condition()
         self._next_ticket = 0
         self._serving = 0
+        self._left: set[int] = set()  # tickets whose waiter gave up
 
     @contextmanager
-    def hold(self) -> Iterator[None]:
+    def hold(self, give_up: Callable[[], BaseException | None] | None = None) -> Iterator[None]:
         with self._cond:
             ticket = self._next_ticket
             self._next_ticket += 1
             while ticket != self._serving:
-                self._cond.wait()
+                self._cond.wait(None if give_up is None else self.POLL_S)
+                reason = None if give_up is None or ticket == self._serving else give_up()
+                if reason is not None:
+                    self._left.add(ticket)
+                    raise reason
         try:
             yield
         finally:
             with self._cond:
                 self._serving += 1
+                while self._serving in self._left:
+                    self._left.remove(self._serving)
+                    self._serving += 1
                 self._cond.notify_all()
 
 
@@ -122,7 +137,7 @@ class Session:
     last_stats: dict[str, float] = field(default_factory=dict)
     #: running (EMA) mean of the predicted class probabilities, for the collapse guard
     marginal: torch.Tensor | None = None
-    lock: _FifoLock = field(default_factory=_FifoLock, repr=False)
+    lock: FifoLock = field(default_factory=FifoLock, repr=False)
     ended: bool = False
     #: the last applied request that carried an id
     last_request: AppliedRequest | None = field(default=None, repr=False)

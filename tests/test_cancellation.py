@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import socket
 import threading
-import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -102,9 +101,12 @@ def session_request(images: np.ndarray, **flags: bool) -> tc.service_pb2.ModelIn
     return request
 
 
-def test_a_session_step_cancelled_while_waiting_for_its_session_is_not_applied(
-    served: ServerHandle, real_images: np.ndarray
+@pytest.mark.parametrize("leaving", ["cancel", "deadline"])
+def test_a_session_step_whose_client_left_while_waiting_for_its_session_is_not_applied(
+    served: ServerHandle, real_images: np.ndarray, leaving: str
 ) -> None:
+    """The step leaves the session's line as soon as its client cancels or its deadline passes, while the step ahead
+    of it still runs, and is never applied."""
     strategy = served.repository.get("m").strategy("tent")
     stalled = Stall(strategy.step, lambda state, x, settings: len(x))
     strategy.step = stalled
@@ -113,14 +115,22 @@ def test_a_session_step_cancelled_while_waiting_for_its_session_is_not_applied(
         infer = grpc_service_pb2_grpc.GRPCInferenceServiceStub(channel).ModelInfer
         first = infer.future(session_request(real_images[:1], sequence_start=True))
         wait_until(lambda: stalled.sizes == [1], 10, "the session's first step running")
-        cancelled = infer.future(session_request(real_images[1:3]))
+        left = infer.future(session_request(real_images[1:3]), timeout=0.5 if leaving == "deadline" else None)
         wait_until(lambda: served.inflight.count == 2, 10, "the second step waiting for the session")
-        cancelled.cancel()
-        time.sleep(1.0)  # the cancel reaching the server (loopback: well under a millisecond); nothing shows it
+        if leaving == "cancel":
+            left.cancel()
+        outcome = {"model": "m", "version": "1", "strategy": "tent"}
+        outcome["outcome"] = "cancelled" if leaving == "cancel" else "timeout"
+        wait_until(
+            lambda: served.metrics.registry.get_sample_value("ttaserve_requests_total", outcome) == 1,
+            10,
+            "the waiting step answered while the step ahead of it still runs",
+        )
+        assert stalled.sizes == [1] and not stalled.release.is_set()
         stalled.release.set()
         assert first.result(30).parameters["tta_session_steps"].int64_param == 1
         last = infer(session_request(real_images[3:6], sequence_end=True), timeout=30)
-    assert last.parameters["tta_session_steps"].int64_param == 2, "the cancelled step was not applied"
+    assert last.parameters["tta_session_steps"].int64_param == 2, "the step whose client left was not applied"
     assert stalled.sizes == [1, 3]
 
 

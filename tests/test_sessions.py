@@ -4,8 +4,9 @@ restart, the collapse guard, and the Adaptation service."""
 from __future__ import annotations
 
 import json
+import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -21,7 +22,7 @@ from opskit.procs import wait_until
 from ttaserve.protocol import adaptation_pb2 as apb
 from ttaserve.protocol import adaptation_pb2_grpc
 from ttaserve.server.app import ServerHandle
-from ttaserve.server.sessions import SessionKey
+from ttaserve.server.sessions import FifoLock, SessionKey
 
 STATEFUL = ("tent", "unmix_tns")
 
@@ -328,3 +329,24 @@ def test_collapse_guard_resets_and_reports(tmp_path: Path, real_images: np.ndarr
         assert handle.metrics.session_resets.labels("guarded", "tent", "collapse")._value.get() >= 1
     finally:
         handle.stop()
+
+
+def test_a_waiter_that_gives_up_leaves_the_line_and_the_rest_keep_their_order() -> None:
+    lock, order, leave = FifoLock(), [], threading.Event()
+
+    def take(name: str, give_up: Callable[[], BaseException | None] | None = None) -> None:
+        with lock.hold(give_up):
+            order.append(name)
+
+    with ThreadPoolExecutor(3) as pool, lock.hold():
+        gives_up = pool.submit(take, "b", lambda: TimeoutError("b left") if leave.is_set() else None)
+        wait_until(lambda: lock._next_ticket == 2, 10, "b in line")
+        stays = pool.submit(take, "c")
+        wait_until(lambda: lock._next_ticket == 3, 10, "c in line behind b")
+        leave.set()
+        with pytest.raises(TimeoutError, match="b left"):
+            gives_up.result(10)
+        assert order == [] and not stays.done(), "nobody passes the holder"
+    stays.result(10)
+    take("d")
+    assert order == ["c", "d"]
