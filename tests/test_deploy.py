@@ -291,20 +291,33 @@ def test_plain_manifests_match_the_chart(tmp_path: Path) -> None:
     )
 
 
-def test_kserve_examples() -> None:
+#: the port each KServe protocol is served on: its port name, and the CLI argument that sets it
+KSERVE_PORTS = {"grpc-v2": ("h2c", "grpc_port"), "v2": ("http1", "http_port")}
+
+
+@pytest.mark.parametrize("protocol", sorted(KSERVE_PORTS))
+def test_kserve_examples(protocol: str) -> None:
+    """A ServingRuntime and an InferenceService per protocol: the service's runtime serves its model format and
+    protocol, on the one port the runtime declares, which its probes check."""
     files = load_folder(DEPLOY / "kserve")
-    runtime = files["servingruntime.yaml"][0]
-    service = files["inferenceservice.yaml"][0]
+    (service,) = [
+        s for s in files["inferenceservice.yaml"] if s["spec"]["predictor"]["model"]["protocolVersion"] == protocol
+    ]
+    model = service["spec"]["predictor"]["model"]
+    (runtime,) = [r for r in files["servingruntime.yaml"] if r["metadata"]["name"] == model["runtime"]]
     for document in (runtime, service):
         validate(document)
-    model = service["spec"]["predictor"]["model"]
-    assert model["runtime"] == runtime["metadata"]["name"]
     assert model["modelFormat"]["name"] in {f["name"] for f in runtime["spec"]["supportedModelFormats"]}
-    assert model["protocolVersion"] in runtime["spec"]["protocolVersions"]
+    assert runtime["spec"]["protocolVersions"] == [protocol]
     container = runtime["spec"]["containers"][0]
     args = _build_parser().parse_args(container["args"])
     assert str(args.model_repository) == "/mnt/models"  # where KServe's storage initializer puts the model
-    assert container["ports"][0]["name"] == "h2c" and container["ports"][0]["containerPort"] == args.grpc_port
+    port_name, port_argument = KSERVE_PORTS[protocol]
+    (port,) = container["ports"]
+    assert port["name"] == port_name and port["containerPort"] == getattr(args, port_argument)
+    for probe in (container["readinessProbe"], container["livenessProbe"]):
+        (check,) = [v for k, v in probe.items() if k in {"grpc", "httpGet"}]
+        assert check["port"] == port["containerPort"]
     # the pod template part of the runtime is a real container spec
     kubernetes_validate.validate(
         {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "x"}, "spec": {"containers": [container]}},
@@ -339,16 +352,16 @@ def test_the_image_is_what_the_manifests_run() -> None:
     (deployment,) = load_folder(DEPLOY / "k8s")["deployment.yaml"]
     pod = deployment["spec"]["template"]["spec"]
     (container,) = pod["containers"]
-    kserve = load_folder(DEPLOY / "kserve")["servingruntime.yaml"][0]["spec"]["containers"][0]
+    kserve = [r["spec"]["containers"][0] for r in load_folder(DEPLOY / "kserve")["servingruntime.yaml"]]
     entrypoint, cmd = json.loads(runtime["ENTRYPOINT"]), json.loads(runtime["CMD"])
-    assert entrypoint == container["command"] == kserve["command"]
+    assert all(entrypoint == container["command"] == served["command"] for served in kserve)
     assert runtime["USER"] == f"{pod['securityContext']['runAsUser']}:{pod['securityContext']['runAsGroup']}"
     exposed = {int(port) for port in runtime["EXPOSE"].split()}
     assert {p["containerPort"] for p in container["ports"]} == exposed
     args = _build_parser().parse_args(cmd)
     assert {args.http_port, args.grpc_port, args.metrics_port} == exposed
     assert "HOME=/tmp" in runtime["ENV"].split()
-    assert {"name": "HOME", "value": "/tmp"} in container["env"] and {"name": "HOME", "value": "/tmp"} in kserve["env"]
+    assert all({"name": "HOME", "value": "/tmp"} in served["env"] for served in [container, *kserve])
     copied = {arguments.split()[0] for instruction, arguments in build if instruction == "COPY"}
     (package_dir,) = re.findall(r"^package-dir = \{(.*)\}$", (ROOT / "pyproject.toml").read_text(), re.M)
     sources = {folder.split("/")[0] for folder in re.findall(r'= "([^"]+)"', package_dir)}
