@@ -63,6 +63,16 @@ class AdaptationServicer(adaptation_pb2_grpc.AdaptationServicer):
             raise InvalidArgument(f"unknown strategy {strategy!r}; allowed: {', '.join(strategy_names())}")
         return SessionKey(caller_of(context, key.caller), key.model_name, strategy, key.sequence_id)
 
+    def _session(self, key: SessionKey) -> Session:
+        """The live session under ``key``, or the one the table spilled to disk, brought back."""
+        session = self.sessions.get(key)
+        if session is None and self.sessions.spilled(key):
+            model = self.repository.get(key.model)
+            session = self.sessions.restore(key, model.strategy(key.strategy).state_cls, model.device, model.serial)
+        if session is None:
+            return self.sessions.require(key)
+        return session
+
     def ListStrategies(
         self, request: apb.ListStrategiesRequest, context: grpc.ServicerContext
     ) -> apb.ListStrategiesResponse:
@@ -100,15 +110,13 @@ class AdaptationServicer(adaptation_pb2_grpc.AdaptationServicer):
     def GetSession(self, request: apb.GetSessionRequest, context: grpc.ServicerContext) -> apb.GetSessionResponse:
         return self._call(
             context,
-            lambda: apb.GetSessionResponse(
-                session=session_info(self.sessions.require(self._key(request.key, context)))
-            ),
+            lambda: apb.GetSessionResponse(session=session_info(self._session(self._key(request.key, context)))),
         )
 
     def ResetSession(self, request: apb.ResetSessionRequest, context: grpc.ServicerContext) -> apb.ResetSessionResponse:
         def reset() -> apb.ResetSessionResponse:
             key = self._key(request.key, context)
-            session = self.sessions.require(key)
+            session = self._session(key)
             model = self.repository.get(key.model)
             strategy = model.strategy(key.strategy)
             with session.lock.hold():
@@ -126,7 +134,7 @@ class AdaptationServicer(adaptation_pb2_grpc.AdaptationServicer):
     def EndSession(self, request: apb.EndSessionRequest, context: grpc.ServicerContext) -> apb.EndSessionResponse:
         def end() -> apb.EndSessionResponse:
             key = self._key(request.key, context)
-            if self.sessions.remove(key, "ended") is None:
+            if not self.sessions.remove(key, "ended"):
                 raise NotFound(f"no session {key.sequence_id!r} of model '{key.model}' and strategy '{key.strategy}'")
             self.sessions.delete_snapshot(key)
             return apb.EndSessionResponse()
@@ -137,7 +145,7 @@ class AdaptationServicer(adaptation_pb2_grpc.AdaptationServicer):
         self, request: apb.SnapshotSessionRequest, context: grpc.ServicerContext
     ) -> apb.SnapshotSessionResponse:
         def snapshot() -> apb.SnapshotSessionResponse:
-            session = self.sessions.require(self._key(request.key, context))
+            session = self._session(self._key(request.key, context))
             with session.lock.hold():
                 path = self.sessions.snapshot(session)
                 data = b""

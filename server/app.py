@@ -198,15 +198,14 @@ def _start_server(settings: ServerSettings) -> ServerHandle:
 
     metrics = Metrics()
     snapshot_dir = settings.snapshot_dir or Path("snapshots")
+    memory_mib = settings.max_session_memory_mib
     sessions = SessionTable(
         max_sessions=settings.max_sessions,
         idle_timeout_s=settings.session_idle_timeout_s,
         snapshot_dir=snapshot_dir,
-        on_removed=lambda session, reason: (
-            metrics.session_resets.labels(session.key.model, session.key.strategy, reason).inc()
-            if reason != "ended"
-            else None
-        ),
+        on_removed=metrics.session_removed,
+        max_bytes=None if memory_mib is None else int(memory_mib * 2**20),
+        spill=settings.spill_evicted_sessions,
     )
     health_board = HealthBoard(health.HealthServicer(), ("", INFERENCE_SERVICE, ADAPTATION_SERVICE))
 

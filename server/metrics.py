@@ -23,7 +23,7 @@ from .ops_http import OpsServer, Probe
 
 if TYPE_CHECKING:
     from .repository import ModelRepository
-    from .sessions import SessionTable
+    from .sessions import SessionKey, SessionTable
     from .tls import TlsConfig, TlsReloader
 
 _LATENCY_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0)
@@ -241,6 +241,12 @@ class Metrics:
             ("model", "strategy", "reason"),
             registry=r,
         )
+        self.session_spills = Counter(
+            "ttaserve_session_spills",
+            "Sessions evicted from a full table (sessions or memory) to their snapshot file, to be restored on use",
+            ("model", "strategy"),
+            registry=r,
+        )
         self.session_replays = Counter(
             "ttaserve_session_replays",
             "Session requests answered again without adapting: retries of a step whose answer the client lost",
@@ -359,6 +365,14 @@ class Metrics:
             for event in OPEN_EVENTS:
                 self.sessions_opened.labels(model, strategy, event)
             self.session_replays.labels(model, strategy)
+            self.session_spills.labels(model, strategy)
+
+    def session_removed(self, key: SessionKey, reason: str) -> None:
+        """Count a session leaving the table: a spill, or a reset reason (an ended session is not counted)."""
+        if reason == "spilled":
+            self.session_spills.labels(key.model, key.strategy).inc()
+        elif reason != "ended":
+            self.session_resets.labels(key.model, key.strategy, reason).inc()
 
     def serve(self, port: int, host: str = "0.0.0.0", probes: Mapping[str, Probe] | None = None) -> int:
         """Start the operations endpoint (metrics, and the health ``probes`` by path); returns the bound port

@@ -9,7 +9,8 @@ import hashlib
 import logging
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -36,7 +37,7 @@ from .request import (
     settings_json,
 )
 from .request_log import log_request
-from .sessions import AppliedRequest, Session, SessionKey, SessionTable, marginal_entropy, session_from_payload
+from .sessions import AppliedRequest, Session, SessionKey, SessionTable, marginal_entropy
 from .shared_memory import BYTE_SIZE_PARAMETER, OFFSET_PARAMETER, REGION_PARAMETER, SharedMemoryRegistry
 from .warmup import initial_state
 
@@ -178,9 +179,6 @@ class Pipeline:
             replayed = self._replay(model, parsed, request, self.sessions.ended_request(key), request_id, digest)
             if replayed is not None:
                 return replayed
-        session, event = self._open_session(model, key, parsed, request.start, deadline)
-        if event:
-            self.metrics.sessions_opened.labels(model.name, parsed.strategy, event).inc()
         enqueued = time.perf_counter_ns()
 
         def unapplied() -> ServingError | None:
@@ -195,7 +193,7 @@ class Pipeline:
                 "its batch was not applied"
             )
 
-        with session.lock.hold(unapplied):
+        with self._turn_in_session(model, key, parsed, request.start, deadline, unapplied) as (session, event):
             if session.ended:
                 raise NotFound(f"session {request.sequence_id!r} ended while this request waited for it")
             replayed = self._replay(model, parsed, request, session.last_request, request_id, digest)
@@ -243,7 +241,31 @@ class Pipeline:
         if request.end:
             self.sessions.remove(key, "ended")
             self.sessions.delete_snapshot(key)
+        else:
+            self.sessions.trim()
         return result
+
+    @contextmanager
+    def _turn_in_session(
+        self,
+        model: LoadedModel,
+        key: SessionKey,
+        parsed: ParsedRequest,
+        start: bool,
+        deadline: float | None,
+        give_up: Callable[[], ServingError | None],
+    ) -> Iterator[tuple[Session, str]]:
+        """The session for ``key`` and how it was opened, held for this request. A session that the table
+        spilled to disk between its opening and this request's place in its line is opened again (taken back, or
+        restored from the file), so that no step runs on a state the table no longer holds."""
+        while True:
+            session, event = self._open_session(model, key, parsed, start, deadline)
+            if event:
+                self.metrics.sessions_opened.labels(model.name, parsed.strategy, event).inc()
+            with session.lock.hold(give_up):
+                if not session.evicted:
+                    yield session, event
+                    return
 
     def _replay(
         self,
@@ -287,10 +309,8 @@ class Pipeline:
                         "settings are fixed at sequence_start (start a new sequence to change them)"
                     )
                 return session, ""
-            payload = self.sessions.read_snapshot(key)
-            if payload is not None:
-                session = session_from_payload(payload, strategy.state_cls, model.device, model.serial)
-                self.sessions.add(session)
+            session = self.sessions.restore(key, strategy.state_cls, model.device, model.serial)
+            if session is not None:
                 log.info("session %s restored from its snapshot at step %d", key, session.steps)
                 return session, "restored"
         else:

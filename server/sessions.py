@@ -3,7 +3,8 @@
 A session is keyed by (caller, model, strategy, sequence id) and holds one stream's adaptation state. Its requests
 run one at a time in the order they reached it (a FIFO ticket lock, not a plain mutex, which promises no order).
 Sessions end explicitly (``sequence_end``), expire after an idle timeout, are evicted least-recently-used when the
-table is full, or are dropped when their model is unloaded or reloaded. Snapshots are ``torch.save`` files of plain
+table is full (in sessions or in bytes of state) or, with spilling on, written to disk then and restored by their
+next request, or are dropped when their model is unloaded or reloaded. Snapshots are ``torch.save`` files of plain
 tensors, restorable on this or another replica.
 
 A session's last applied request that carried an id is kept with it (and in its snapshots, and for a while after
@@ -63,6 +64,12 @@ class FifoLock:
         self._next_ticket = 0
         self._serving = 0
         self._left: set[int] = set()  # tickets whose waiter gave up
+
+    @property
+    def busy(self) -> bool:
+        """Whether a request holds the lock or waits for it."""
+        with self._cond:
+            return self._next_ticket != self._serving + len(self._left)
 
     @contextmanager
     def hold(self, give_up: Callable[[], BaseException | None] | None = None) -> Iterator[None]:
@@ -139,6 +146,10 @@ class Session:
     marginal: torch.Tensor | None = None
     lock: FifoLock = field(default_factory=FifoLock, repr=False)
     ended: bool = False
+    #: taken out of the table to be written to disk (spilled): a request holding it must open its key again
+    evicted: bool = False
+    #: bytes of state when it entered the table (what counts against ``SessionTable.max_bytes``)
+    size: int = 0
     #: the last applied request that carried an id
     last_request: AppliedRequest | None = field(default=None, repr=False)
 
@@ -151,11 +162,19 @@ class Session:
         return self.state.nbytes() + extra
 
 
-EvictionListener = Callable[[Session, str], None]
+#: told the key and the reason whenever a session leaves the table: ended, evicted, spilled, expired, ...
+EvictionListener = Callable[[SessionKey, str], None]
 
 
 class SessionTable:
-    """All live sessions, with LRU eviction, idle expiry and snapshot files."""
+    """All live sessions, with LRU eviction, idle expiry and snapshot files.
+
+    The table holds at most ``max_sessions`` sessions and, with ``max_bytes``, at most that many bytes of state;
+    beyond either the least recently used idle session goes (one in the middle of a step stays until a later add).
+    With ``spill`` an evicted session is not lost but written to its snapshot file, once any step on it has
+    finished, and its next request restores it from there: the table is then a cache of the streams' states, and
+    a fleet of streams larger than it keeps adapting, at the cost of a disk write and read per eviction.
+    """
 
     def __init__(
         self,
@@ -163,13 +182,22 @@ class SessionTable:
         idle_timeout_s: float,
         snapshot_dir: Path,
         on_removed: EvictionListener | None = None,
+        max_bytes: int | None = None,
+        spill: bool = False,
     ) -> None:
         self.max_sessions = max_sessions
         self.idle_timeout_s = idle_timeout_s
         self.snapshot_dir = snapshot_dir
+        self.max_bytes = max_bytes
+        self.spill = spill
         self._on_removed = on_removed
         self._lock = threading.Lock()
         self._sessions: OrderedDict[SessionKey, Session] = OrderedDict()
+        self._bytes = 0  # the live sessions' ``size``, summed
+        #: evicted sessions on their way to disk: a request for one takes it back as it is
+        self._spilling: dict[SessionKey, Session] = {}
+        #: when each session this table spilled to disk was last used, for its idle expiry there
+        self._spilled: dict[SessionKey, float] = {}
         #: the last request of sessions that a request ended (as many as there may be live sessions), for a retry
         #: of that request; dropped when a new session takes the key
         self._ended: OrderedDict[SessionKey, AppliedRequest] = OrderedDict()
@@ -179,11 +207,20 @@ class SessionTable:
             return len(self._sessions)
 
     def get(self, key: SessionKey) -> Session | None:
+        """The live session under ``key`` (taken back if it is on its way to disk), or None."""
         with self._lock:
             session = self._sessions.get(key)
             if session is not None:
                 self._sessions.move_to_end(key)
-            return session
+                return session
+            session = self._spilling.pop(key, None)
+            if session is None:
+                return None
+            session.evicted = False
+            self._insert_locked(session)
+            evicted = self._evict_locked(session)
+        self._let_go(evicted)
+        return session
 
     def require(self, key: SessionKey) -> Session:
         session = self.get(key)
@@ -195,30 +232,110 @@ class SessionTable:
         return session
 
     def add(self, session: Session) -> None:
-        evicted: list[Session] = []
         with self._lock:
             self._ended.pop(session.key, None)
-            self._sessions[session.key] = session
-            self._sessions.move_to_end(session.key)
-            while len(self._sessions) > self.max_sessions:
-                _, oldest = self._sessions.popitem(last=False)
-                evicted.append(oldest)
-        for old in evicted:
-            old.ended = True
-            log.info("session %s evicted (table full: %d)", old.key, self.max_sessions)
-            self._notify(old, "evicted")
+            self._spilled.pop(session.key, None)
+            self._insert_locked(session)
+            evicted = self._evict_locked(session)
+        self._let_go(evicted)
 
-    def remove(self, key: SessionKey, reason: str) -> Session | None:
+    def trim(self) -> None:
+        """Evict down to the limits: an add finds every other session busy when all streams send at once, so the
+        table can overshoot until their steps finish."""
         with self._lock:
-            session = self._sessions.pop(key, None)
+            evicted = self._evict_locked(None)
+        self._let_go(evicted)
+
+    def _insert_locked(self, session: Session) -> None:
+        replaced = self._sessions.pop(session.key, None)
+        if replaced is not None:
+            self._bytes -= replaced.size
+        session.size = session.state_bytes()
+        self._sessions[session.key] = session
+        self._bytes += session.size
+
+    def _pop_locked(self, key: SessionKey) -> Session | None:
+        session = self._sessions.pop(key, None)
+        if session is not None:
+            self._bytes -= session.size
+        return session
+
+    def _evict_locked(self, keep: Session | None) -> list[Session]:
+        """Take least recently used idle sessions out until the table fits its limits; ``keep`` stays."""
+        evicted: list[Session] = []
+        candidates = iter(list(self._sessions.values()))
+        while len(self._sessions) > self.max_sessions or (self.max_bytes is not None and self._bytes > self.max_bytes):
+            victim = next((s for s in candidates if s is not keep and not s.lock.busy), None)
+            if victim is None:
+                break
+            self._pop_locked(victim.key)
+            if self.spill:
+                victim.evicted = True
+                self._spilling[victim.key] = victim
+            else:
+                victim.ended = True
+            evicted.append(victim)
+        return evicted
+
+    def _let_go(self, evicted: list[Session]) -> None:
+        for session in evicted:
+            if self.spill:
+                self._write_spilled(session)
+            else:
+                log.info("session %s evicted (table full: %s)", session.key, self._limits())
+                self._notify(session.key, "evicted")
+
+    def _write_spilled(self, session: Session) -> None:
+        """Write an evicted session to its snapshot file once any step on it has finished. A request that took it
+        back meanwhile, or a model unload that dropped it, keeps the file from staying behind."""
+        with session.lock.hold():
+            with self._lock:
+                if self._spilling.get(session.key) is not session:
+                    return
+            try:
+                path = self.snapshot(session)
+            except OSError as exc:
+                with self._lock:
+                    lost = self._spilling.get(session.key) is session
+                    if lost:
+                        del self._spilling[session.key]
+                        session.ended = True
+                if lost:
+                    log.error("session %s evicted and lost: cannot write its snapshot: %s", session.key, exc)
+                    self._notify(session.key, "evicted")
+                return
+            with self._lock:
+                written = self._spilling.get(session.key) is session
+                if written:
+                    del self._spilling[session.key]
+                    self._spilled[session.key] = session.last_used
+            if not written:
+                path.unlink(missing_ok=True)
+                return
+        log.debug("session %s spilled to %s (table full: %s)", session.key, path, self._limits())
+        self._notify(session.key, "spilled")
+
+    def _limits(self) -> str:
+        bytes_limit = "" if self.max_bytes is None else f", {self.max_bytes / 2**20:.0f} MiB"
+        return f"{self.max_sessions} sessions{bytes_limit}"
+
+    def remove(self, key: SessionKey, reason: str) -> bool:
+        """End the session under ``key``, live or spilled (a spilled one's file goes with it); False if none."""
+        with self._lock:
+            session = self._pop_locked(key) or self._spilling.pop(key, None)
+            on_disk = self._spilled.pop(key, None) is not None
             if session is not None and reason == "ended" and session.last_request is not None:
                 self._ended[key] = session.last_request
                 while len(self._ended) > self.max_sessions:
                     self._ended.popitem(last=False)
         if session is not None:
             session.ended = True
-            self._notify(session, reason)
-        return session
+        elif on_disk:
+            self.delete_snapshot(key)
+        else:
+            return False
+        self._notify(key, reason)
+        return True
 
     def ended_request(self, key: SessionKey) -> AppliedRequest | None:
         """The last request of the session under ``key`` that a request ended, if no session took the key since."""
@@ -231,9 +348,9 @@ class SessionTable:
             if self._sessions.get(session.key) is not session:
                 session.ended = True
                 return
-            del self._sessions[session.key]
+            self._pop_locked(session.key)
         session.ended = True
-        self._notify(session, reason)
+        self._notify(session.key, reason)
 
     def sessions(self) -> list[Session]:
         with self._lock:
@@ -247,24 +364,31 @@ class SessionTable:
         queue finds it ended and gets NOT_FOUND.
         """
         with self._lock:
-            keys = [key for key in self._sessions if key.model == model]
-        dropped = [key for key in keys if self.remove(key, reason) is not None]
+            keys = [key for key in [*self._sessions, *self._spilling, *self._spilled] if key.model == model]
+        dropped = [key for key in keys if self.remove(key, reason)]
         for key in dropped:
             self.delete_snapshot(key)
         return len(dropped)
 
     def expire_idle(self, now: float | None = None) -> int:
+        """End the sessions idle longer than ``idle_timeout_s``, live or spilled; returns how many."""
         now = time.time() if now is None else now
         with self._lock:
             stale = [k for k, s in self._sessions.items() if now - s.last_used > self.idle_timeout_s]
-        return sum(1 for key in stale if self.remove(key, "expired") is not None)
+            stale += [k for k, used in self._spilled.items() if now - used > self.idle_timeout_s]
+        return sum(1 for key in stale if self.remove(key, "expired"))
+
+    def spilled(self, key: SessionKey) -> bool:
+        """Whether the session under ``key`` lives in its snapshot file, spilled there by this table."""
+        with self._lock:
+            return key in self._spilled
 
     def total_state_bytes(self) -> int:
         return sum(s.state_bytes() for s in self.sessions())
 
-    def _notify(self, session: Session, reason: str) -> None:
+    def _notify(self, key: SessionKey, reason: str) -> None:
         if self._on_removed is not None:
-            self._on_removed(session, reason)
+            self._on_removed(key, reason)
 
     # --- snapshots -------------------------------------------------------------------------------------------
 
@@ -286,6 +410,21 @@ class SessionTable:
         if not path.is_file():
             return None
         return torch.load(path, map_location="cpu", weights_only=True)
+
+    def restore(
+        self, key: SessionKey, state_cls: type[AdapterState], device: torch.device, model_serial: int
+    ) -> Session | None:
+        """The session under ``key`` back from its snapshot file (its own spill, a drain, another replica's
+        snapshot) and live again in the table; None without a file. A spill's file is deleted once read: from then
+        on the live session is the state, and a file left behind would bring back an old one after it expired."""
+        payload = self.read_snapshot(key)
+        if payload is None:
+            return None
+        session = session_from_payload(payload, state_cls, device, model_serial)
+        if self.spilled(key):
+            self.delete_snapshot(key)
+        self.add(session)
+        return session
 
     def delete_snapshot(self, key: SessionKey) -> None:
         self.snapshot_path(key).unlink(missing_ok=True)

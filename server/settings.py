@@ -48,7 +48,14 @@ class ServerSettings(BaseSettings):
     torch_threads: int = Field(default=0, ge=0)
     #: live sessions kept before the least recently used is evicted
     max_sessions: int = Field(default=1024, gt=0)
-    #: a session unused this long expires
+    #: MiB of adaptation state the live sessions may hold together (None: only max_sessions bounds it); beyond it
+    #: the least recently used idle session is evicted. A TENT session of a ResNet-50 holds ~0.2 MiB, an RMT one
+    #: two copies of the model and their optimiser (~300 MiB): count alone does not bound the memory
+    max_session_memory_mib: float | None = Field(default=None, gt=0)
+    #: an evicted session is written to its snapshot file and restored by its next request, instead of losing its
+    #: state: the table becomes a cache of the streams' states (a disk write and read per eviction)
+    spill_evicted_sessions: bool = True
+    #: a session unused this long expires (a spilled one too: its file is deleted)
     session_idle_timeout_s: float = Field(default=600.0, gt=0)
     #: where session snapshots are written (None = a 'snapshots' folder in the working directory)
     snapshot_dir: Path | None = None

@@ -64,7 +64,7 @@ def send_known_traffic(url: str, images: np.ndarray, checkpoint: Callable[[], No
         infer(client, batch4, "tent", "cam-b", start=i == 0)
     for i in range(3):  # the guard of 'guarded' trips at the third step
         infer(client, batch8, "tent", "g", start=i == 0, model="guarded")
-    infer(client, batch4, "unmix_tns", "new", start=True)  # a fifth live session: 'old' is evicted
+    infer(client, batch4, "unmix_tns", "new", start=True)  # a fifth live session: 'old' is spilled to disk
     infer(client, batch4, "tent", "cam-b", end=True)
     for _ in range(2):
         infer(client, batch4, "tbn")
@@ -145,7 +145,8 @@ def test_session_metrics(observed: Observed) -> None:
     prom = observed.prometheus
     resets = by_label(prom, "sum by (reason) (ttaserve_session_resets_total)", "reason")
     # exported at 0 from the start
-    assert resets == {"collapse": 1, "evicted": 1, "manual": 1, "expired": 0, "unloaded": 0, "reloaded": 0}
+    assert resets == {"collapse": 1, "evicted": 0, "manual": 1, "expired": 0, "unloaded": 0, "reloaded": 0}
+    assert prom.value("sum(ttaserve_session_spills_total)") == 1  # evicted to its snapshot file, not lost
     assert prom.value('ttaserve_session_resets_total{model="guarded", strategy="tent", reason="collapse"}') == 1
     opened = by_label(prom, "sum by (event) (ttaserve_sessions_opened_total)", "event")
     assert opened == {"started": 5, "created": 0, "restored": 0}

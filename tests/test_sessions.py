@@ -229,8 +229,8 @@ def test_shared_weights_never_mutated(server: ServerHandle, url: str, real_image
         assert torch.equal(value, before[key]), key
 
 
-def test_lru_eviction_and_idle_expiry(model_repo: Path, tmp_path: Path, real_images: np.ndarray) -> None:
-    handle = start(model_repo, models=("resnet",), max_sessions=2, snapshot_dir=tmp_path)
+def test_without_spilling_an_evicted_session_is_lost(model_repo: Path, tmp_path: Path, real_images: np.ndarray) -> None:
+    handle = start(model_repo, models=("resnet",), max_sessions=2, snapshot_dir=tmp_path, spill_evicted_sessions=False)
     try:
         client = tc.InferenceServerClient(f"127.0.0.1:{handle.grpc_port}")
         for name in ("a", "b", "c"):
@@ -238,8 +238,80 @@ def test_lru_eviction_and_idle_expiry(model_repo: Path, tmp_path: Path, real_ima
         assert sorted(s.key.sequence_id for s in handle.sessions.sessions()) == ["b", "c"]
         evicted = handle.metrics.session_resets.labels("resnet", "unmix_tns", "evicted")._value.get()
         assert evicted == 1
+        assert list(tmp_path.glob("*.pt")) == []
         assert handle.sessions.expire_idle(now=handle.sessions.sessions()[0].last_used + 10_000) == 2
         assert len(handle.sessions) == 0
+    finally:
+        handle.stop()
+
+
+@pytest.mark.parametrize("limit", ["sessions", "memory"])
+def test_streams_beyond_the_table_keep_adapting_through_spills(
+    model_repo: Path, tmp_path: Path, real_images: np.ndarray, limit: str
+) -> None:
+    """Six concurrent TENT streams through a table that holds two sessions (by count, or by bytes of state): each
+    evicted session is written to disk and restored by its next request, so every stream gives bit for bit the
+    outputs it gives alone, and nothing is lost."""
+    streams = [stream_of(real_images, seed) for seed in range(6)]
+    roomy = start(model_repo, models=("resnet",), snapshot_dir=tmp_path / "roomy")
+    try:
+        url = f"127.0.0.1:{roomy.grpc_port}"
+        alone = [run_stream(url, batches, "tent", f"cam-{i}") for i, batches in enumerate(streams)]
+        infer(tc.InferenceServerClient(url), streams[0][0], "tent", "probe", start=True)
+        (probe,) = roomy.sessions.sessions()
+        size = probe.state_bytes()
+    finally:
+        roomy.stop()
+    limits = {"max_sessions": 2} if limit == "sessions" else {"max_session_memory_mib": 2.5 * size / 2**20}
+    snapshots = tmp_path / "tight"
+    tight = start(model_repo, models=("resnet",), snapshot_dir=snapshots, **limits)
+    try:
+        url = f"127.0.0.1:{tight.grpc_port}"
+        with ThreadPoolExecutor(6) as pool:
+            together = list(pool.map(lambda i: run_stream(url, streams[i], "tent", f"cam-{i}"), range(6)))
+        for solo, mixed in zip(alone, together, strict=True):
+            for a, b in zip(solo, mixed, strict=True):
+                np.testing.assert_array_equal(a, b)
+        labels = {"model": "resnet", "strategy": "tent"}
+        spills = tight.metrics.registry.get_sample_value("ttaserve_session_spills_total", labels)
+        restored = tight.metrics.registry.get_sample_value(
+            "ttaserve_sessions_opened_total", {**labels, "event": "restored"}
+        )
+        evicted = tight.metrics.registry.get_sample_value(
+            "ttaserve_session_resets_total", {**labels, "reason": "evicted"}
+        )
+        assert spills is not None and spills >= 4, "at least four of six streams went to disk at some point"
+        assert restored is not None and restored >= 1 and evicted == 0
+        assert len(tight.sessions) == 0 and list(snapshots.glob("*.pt")) == [], "ended streams leave nothing behind"
+    finally:
+        tight.stop()
+
+
+def test_a_spilled_session_is_found_ended_and_expired_like_a_live_one(
+    model_repo: Path, tmp_path: Path, real_images: np.ndarray
+) -> None:
+    handle = start(model_repo, models=("resnet",), max_sessions=2, snapshot_dir=tmp_path)
+    try:
+        url = f"127.0.0.1:{handle.grpc_port}"
+        client = tc.InferenceServerClient(url)
+        for name in ("a", "b", "c", "d"):
+            infer(client, real_images[:4], "tent", name, start=True)
+        assert sorted(s.key.sequence_id for s in handle.sessions.sessions()) == ["c", "d"]
+        assert len(list(tmp_path.glob("*.pt"))) == 2
+        with grpc.insecure_channel(url) as channel:
+            stub = adaptation_pb2_grpc.AdaptationStub(channel)
+            key = apb.SessionKey(model_name="resnet", strategy="tent", sequence_id="a")
+            found = stub.GetSession(apb.GetSessionRequest(key=key)).session
+            assert found.steps == 1, "GetSession brings a spilled session back"
+            stub.EndSession(
+                apb.EndSessionRequest(key=apb.SessionKey(model_name="resnet", strategy="tent", sequence_id="b"))
+            )
+        assert sorted(s.key.sequence_id for s in handle.sessions.sessions()) == ["a", "d"]
+        assert len(list(tmp_path.glob("*.pt"))) == 1, "b's file went with it; c's is there"
+        assert handle.sessions.expire_idle(now=time.time() + 10_000) == 3
+        assert len(handle.sessions) == 0 and list(tmp_path.glob("*.pt")) == []
+        expired = {"model": "resnet", "strategy": "tent", "reason": "expired"}
+        assert handle.metrics.registry.get_sample_value("ttaserve_session_resets_total", expired) == 3
     finally:
         handle.stop()
 
