@@ -44,9 +44,14 @@ class AdapterState:
 
     steps: int = 0
 
+    def fields(self) -> dict[str, Any]:
+        """The state's fields by name, the values themselves (``dataclasses.asdict`` would deep-copy every tensor:
+        a whole model's worth for RMT, each time a session's bytes are counted or it is snapshotted)."""
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+
     def tensors(self) -> Iterator[torch.Tensor]:
         """Every tensor held in the state, however nested."""
-        yield from _iter_tensors(dataclasses.asdict(self))
+        yield from _iter_tensors(self.fields())
 
     def nbytes(self) -> int:
         """Bytes of tensor storage the state holds (what a session costs in memory)."""
@@ -55,7 +60,7 @@ class AdapterState:
     def to_dict(self) -> dict[str, Any]:
         """A dict of tensors, numbers and strings that ``torch.save`` writes and ``torch.load(weights_only=True)``
         reads back."""
-        return {"type": type(self).__name__, "fields": _to_cpu(dataclasses.asdict(self))}
+        return {"type": type(self).__name__, "fields": _to_cpu(self.fields())}
 
     @classmethod
     def from_dict(cls, data: dict[str, Any], device: torch.device | str = "cpu") -> AdapterState:
