@@ -311,7 +311,6 @@ class Pipeline:
                 return session, ""
             session = self.sessions.restore(key, strategy.state_cls, model.device, model.serial)
             if session is not None:
-                log.info("session %s restored from its snapshot at step %d", key, session.steps)
                 return session, "restored"
         else:
             self.sessions.delete_snapshot(key)

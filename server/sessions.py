@@ -32,6 +32,7 @@ import torch
 from ttaserve.adapters import AdapterState, StrategyConfig, get_strategy_class
 
 from .errors import InvalidArgument, NotFound
+from .tensor_pack import pack, unpack
 
 log = logging.getLogger(__name__)
 
@@ -421,23 +422,30 @@ class SessionTable:
         if payload is None:
             return None
         session = session_from_payload(payload, state_cls, device, model_serial)
-        if self.spilled(key):
+        spilled = self.spilled(key)
+        if spilled:
             self.delete_snapshot(key)
         self.add(session)
+        # a spill coming back is routine (a table smaller than the fleet); a snapshot restored is a restart or failover
+        log.log(logging.DEBUG if spilled else logging.INFO, "session %s restored at step %d", key, session.steps)
         return session
 
     def delete_snapshot(self, key: SessionKey) -> None:
         self.snapshot_path(key).unlink(missing_ok=True)
 
 
+#: snapshot files this server reads: 1 (each state tensor its own record), 2 (the state packed, ``tensor_pack``)
+SNAPSHOT_FORMATS = (1, 2)
+
+
 def snapshot_payload(session: Session) -> dict:
     key = session.key
     return {
-        "format": 1,
+        "format": 2,
         "key": [key.caller, key.model, key.strategy, key.sequence_id],
         "model_version": session.model_version,
         "settings": session.settings.model_dump_json(),
-        "state": session.state.to_dict(),
+        "state": pack(session.state.to_dict()),
         "created": session.created,
         "resets": session.resets,
         "marginal": None if session.marginal is None else session.marginal.cpu(),
@@ -451,13 +459,14 @@ def session_from_payload(
 ) -> Session:
     """Rebuild a session from ``snapshot_payload`` for the loaded model ``model_serial``; refuses snapshots of
     another format or strategy."""
-    if payload.get("format") != 1:
-        raise InvalidArgument(f"snapshot format {payload.get('format')!r} is not supported (expected 1)")
+    if payload.get("format") not in SNAPSHOT_FORMATS:
+        raise InvalidArgument(f"snapshot format {payload.get('format')!r} is not supported (expected 1 or 2)")
     caller, model, strategy, sequence_id = payload["key"]
     key = SessionKey(caller, model, strategy, sequence_id)
     config_cls = get_strategy_class(strategy).config_cls
     try:
-        state = state_cls.from_dict(payload["state"], device)
+        fields = payload["state"] if payload["format"] == 1 else unpack(payload["state"])
+        state = state_cls.from_dict(fields, device)
     except (TypeError, ValueError) as exc:
         raise InvalidArgument(f"snapshot of session {key} does not fit strategy '{strategy}': {exc}") from None
     marginal = payload.get("marginal")

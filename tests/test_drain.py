@@ -18,6 +18,7 @@ from tritonclient.utils import InferenceServerException
 from opskit.procs import start_ttaserve, wait_serving, wait_until
 from opskit.traffic import infer, write_resnet
 from ttaserve.server.sessions import SessionKey
+from ttaserve.server.tensor_pack import unpack
 
 BIG_BATCH = 1024
 
@@ -57,7 +58,8 @@ def test_sigterm_drains_in_flight_requests_and_snapshots_sessions(tmp_path: Path
         for sid in ("live-1", "live-2"):
             path = snapshots / f"{SessionKey('anonymous', 'resnet', 'tent', sid).digest()}.pt"
             payload = torch.load(path, weights_only=True)
-            assert payload["key"] == ["anonymous", "resnet", "tent", sid] and payload["state"]["fields"]["steps"] == 1
+            assert payload["key"] == ["anonymous", "resnet", "tent", sid]
+            assert unpack(payload["state"])["fields"]["steps"] == 1
         assert "drained: 2 session snapshot(s)" in server.child.log.read_text()
     finally:
         server.child.kill()
