@@ -22,9 +22,8 @@ from pathlib import Path
 import numpy as np
 import torch
 import tritonclient.grpc as tc
-from bench_serving import RESNET20, Measurement, free_port, make_repository, percentile, start_server
+from bench_serving import Measurement, free_port, make_repository, percentile, resnet20, start_server
 
-from ttaserve.server.architectures import build_architecture, load_state_dict
 from ttaserve.server.onnx_export import export_onnx_bytes
 
 #: strategies whose state lives in a session (the others run stateless, one episode per request)
@@ -56,11 +55,7 @@ def main() -> None:
     parser.add_argument("--strategies", nargs="+", default=["tbn", "alpha_bn", "unmix_tns"])
     args = parser.parse_args()
 
-    model = build_architecture("cifar_resnet20")
-    weights = "random (../shared missing)"
-    if RESNET20.is_file():
-        model.load_state_dict(load_state_dict(RESNET20))
-        weights = RESNET20.name
+    model, weights = resnet20()
     labels = ["none", *args.strategies]
     rng = np.random.default_rng(0)
     batches = {b: rng.integers(0, 256, (b, 32, 32, 3), dtype=np.uint8) for b in args.batch_sizes}

@@ -70,6 +70,16 @@ class Measurement:
     latencies_ms: list[float]
 
 
+def resnet20() -> tuple[torch.nn.Module, str]:
+    """The CIFAR ResNet-20 with the shared pretrained weights where ``../shared`` is there (else random ones: the
+    cost is the same), and which weights it has."""
+    model = build_architecture("cifar_resnet20")
+    if not RESNET20.is_file():
+        return model, "random (../shared missing)"
+    model.load_state_dict(load_state_dict(RESNET20))
+    return model, RESNET20.name
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -290,11 +300,7 @@ def main() -> None:
     parser.add_argument("--security", nargs="+", choices=("plain", "tls"), default=["plain"])
     args = parser.parse_args()
 
-    model = build_architecture("cifar_resnet20")
-    weights = "random (../shared missing)"
-    if RESNET20.is_file():
-        model.load_state_dict(load_state_dict(RESNET20))
-        weights = str(RESNET20.name)
+    model, weights = resnet20()
     onnx_bytes = export_onnx_bytes(model.eval(), (3, 32, 32))
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL

@@ -20,10 +20,9 @@ from pathlib import Path
 import numpy as np
 import torch
 import tritonclient.grpc as tc
-from bench_serving import RESNET20, make_repository, percentile
+from bench_serving import make_repository, percentile, resnet20
 
 from ttaserve.server.app import ServerHandle, start_server
-from ttaserve.server.architectures import build_architecture, load_state_dict
 from ttaserve.server.settings import ServerSettings
 
 
@@ -66,11 +65,7 @@ def main() -> None:
     parser.add_argument("--strategies", nargs="+", default=["tent", "rmt"])
     args = parser.parse_args()
 
-    model = build_architecture("cifar_resnet20")
-    weights = "random (../shared missing)"
-    if RESNET20.is_file():
-        model.load_state_dict(load_state_dict(RESNET20))
-        weights = RESNET20.name
+    model, weights = resnet20()
     batch = np.random.default_rng(0).integers(0, 256, (args.batch_size, 32, 32, 3), dtype=np.uint8)
     p50s: dict[tuple[str, str], list[float]] = {}
     with tempfile.TemporaryDirectory() as tmp:
