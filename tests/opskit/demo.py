@@ -5,9 +5,9 @@ the picture in docs/dashboard.png. Run from the tests folder (scripts/dashboard_
 
 The stream starts on clean test images and switches to Gaussian-noise-corrupted ones (corrupt-tta, severity 4) a
 third of the way in: the entropy of the unadapted model (none) jumps while TENT sessions pull theirs back down. Beside
-it: camera sessions, bursts of short-lived sessions that overflow the session table (evictions, then idle expiry), a
-TENT stream with a reckless learning rate that the collapse guard resets (the demo's guard reacts within about ten
-batches instead of the default hundred), manual resets, and a trickle of invalid requests.
+it: camera sessions, bursts of short-lived sessions that overflow the session table (spills to disk, then idle
+expiry), a TENT stream with a reckless learning rate that the collapse guard resets (the demo's guard reacts within
+about ten batches instead of the default hundred), manual resets, and a trickle of invalid requests.
 """
 
 from __future__ import annotations
@@ -78,7 +78,7 @@ class Traffic:
     ) -> None:
         tensor = tc.InferInput("input", [size, 28, 28, 1], "UINT8")
         tensor.set_data_from_numpy(self.batch(size))
-        # failures are part of the picture (e.g. a session evicted while its next request waited)
+        # a failed request is part of the picture (the operator thread sends bad ones on purpose)
         with contextlib.suppress(InferenceServerException):
             client.infer(MODEL, [tensor], parameters={"tta_strategy": strategy, **(settings or {})}, **sequence)
 
