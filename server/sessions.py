@@ -261,11 +261,16 @@ class SessionTable:
             self._bytes -= session.size
         return session
 
+    def _full_locked(self) -> bool:
+        return len(self._sessions) > self.max_sessions or (self.max_bytes is not None and self._bytes > self.max_bytes)
+
     def _evict_locked(self, keep: Session | None) -> list[Session]:
         """Take least recently used idle sessions out until the table fits its limits; ``keep`` stays."""
         evicted: list[Session] = []
+        if not self._full_locked():  # the common case, after every session step: no copy of the table's order
+            return evicted
         candidates = iter(list(self._sessions.values()))
-        while len(self._sessions) > self.max_sessions or (self.max_bytes is not None and self._bytes > self.max_bytes):
+        while self._full_locked():
             victim = next((s for s in candidates if s is not keep and not s.lock.busy), None)
             if victim is None:
                 break

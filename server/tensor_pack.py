@@ -7,6 +7,7 @@ session cost. Packed, a state is a handful of tensors, a structure of plain dict
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
@@ -30,12 +31,13 @@ def pack(value: Any) -> dict[str, Any]:
 
     structure = index(value)
     groups: dict[str, list[torch.Tensor]] = {}
+    filled: dict[str, int] = {}  # elements placed so far, per dtype
     placement = []
     for tensor in tensors:
-        group = groups.setdefault(str(tensor.dtype).removeprefix("torch."), [])
-        offset = sum(t.numel() for t in group)
-        group.append(tensor)
-        placement.append([str(tensor.dtype).removeprefix("torch."), offset, list(tensor.shape)])
+        dtype = str(tensor.dtype).removeprefix("torch.")
+        groups.setdefault(dtype, []).append(tensor)
+        placement.append([dtype, filled.get(dtype, 0), list(tensor.shape)])
+        filled[dtype] = filled.get(dtype, 0) + tensor.numel()
     buffers = {dtype: torch.cat([t.reshape(-1) for t in group]) for dtype, group in groups.items()}
     return {"structure": structure, "placement": placement, "buffers": buffers}
 
@@ -47,10 +49,7 @@ def unpack(packed: dict[str, Any]) -> Any:
     def rebuild(item: Any) -> Any:
         if isinstance(item, dict) and set(item) == {_TENSOR}:
             dtype, offset, shape = placement[item[_TENSOR]]
-            count = 1
-            for size in shape:
-                count *= size
-            return buffers[dtype][offset : offset + count].view(shape).clone()
+            return buffers[dtype][offset : offset + math.prod(shape)].view(shape).clone()
         if isinstance(item, dict):
             return {key: rebuild(inner) for key, inner in item.items()}
         if isinstance(item, list):
