@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import time
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -126,6 +127,11 @@ def _build_parser() -> argparse.ArgumentParser:
     models = commands.add_parser("models", help="list the repository's models")
     _add_connection(models)
 
+    sessions = commands.add_parser("sessions", help="list the adaptation sessions (yours, or every caller's)")
+    _add_connection(sessions)
+    sessions.add_argument("--model", default=None, help="only this model's sessions")
+    sessions.add_argument("--all-callers", action="store_true", help="every caller's sessions, not only yours")
+
     strategies = commands.add_parser("strategies", help="list the adaptation strategies")
     _add_connection(strategies)
     strategies.add_argument("--model", default=None, help="only those this model can run")
@@ -217,6 +223,38 @@ def _models(args: argparse.Namespace) -> int:
     return 0
 
 
+def _ago(unix: float, now: float) -> str:
+    seconds = max(0.0, now - unix)
+    if seconds < 120:
+        return f"{seconds:.0f}s ago"
+    if seconds < 7200:
+        return f"{seconds / 60:.0f}m ago"
+    return f"{seconds / 3600:.1f}h ago"
+
+
+def _sessions(args: argparse.Namespace) -> int:
+    with _client(args) as client:
+        sessions = client.sessions(args.model, all_callers=args.all_callers)
+    now = time.time()
+    rows = [
+        [
+            s.caller,
+            s.model,
+            s.strategy,
+            s.sequence_id,
+            s.steps,
+            s.resets,
+            f"{s.state_bytes / 2**20:.2f}",
+            "disk" if s.spilled else "memory",
+            _ago(s.last_used_unix, now),
+        ]
+        for s in sorted(sessions, key=lambda s: (s.model, s.strategy, s.caller, s.sequence_id))
+    ]
+    headers = ["caller", "model", "strategy", "sequence id", "steps", "resets", "state MiB", "held in", "last used"]
+    print(format_table(headers, rows))
+    return 0
+
+
 def _shorten(text: str, width: int = 60) -> str:
     """Keep a table readable; the full schema is in ``Client.list_strategies``."""
     return text if len(text) <= width else text[: width - 1] + "…"
@@ -260,6 +298,7 @@ _COMMANDS = {
     "serve": _serve,
     "classify": _classify,
     "models": _models,
+    "sessions": _sessions,
     "strategies": _strategies,
     "export-onnx": _export_onnx,
     "eval": _eval,

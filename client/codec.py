@@ -473,4 +473,5 @@ def parse_session(info: apb.SessionInfo) -> SessionInfo:
         settings=json.loads(info.settings_json) if info.settings_json else {},
         created_unix=info.created_unix,
         last_used_unix=info.last_used_unix,
+        spilled=info.spilled,
     )

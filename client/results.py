@@ -118,6 +118,8 @@ class SessionInfo:
     settings: dict[str, Any]
     created_unix: float
     last_used_unix: float
+    #: out of memory: the server's session table was full, so the state went to disk; the next batch brings it back
+    spilled: bool = False
 
 
 @dataclass(frozen=True)

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\"ttaserve/protocol/adaptation.proto\x12\x0bttaserve.v1\"\xa0\x01\n\x0cStrategyInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x02 \x01(\t\x12\x1a\n\x12\x63onfig_schema_json\x18\x03 \x01(\t\x12\x15\n\rdefaults_json\x18\x04 \x01(\t\x12\x10\n\x08stateful\x18\x05 \x01(\x08\x12\x16\n\x0euses_gradients\x18\x06 \x01(\x08\x12\x10\n\x08requires\x18\x07 \x03(\t\"+\n\x15ListStrategiesRequest\x12\x12\n\nmodel_name\x18\x01 \x01(\t\"G\n\x16ListStrategiesResponse\x12-\n\nstrategies\x18\x01 \x03(\x0b\x32\x19.ttaserve.v1.StrategyInfo\"W\n\nSessionKey\x12\x0e\n\x06\x63\x61ller\x18\x01 \x01(\t\x12\x12\n\nmodel_name\x18\x02 \x01(\t\x12\x10\n\x08strategy\x18\x03 \x01(\t\x12\x13\n\x0bsequence_id\x18\x04 \x01(\t\"\xb2\x02\n\x0bSessionInfo\x12$\n\x03key\x18\x01 \x01(\x0b\x32\x17.ttaserve.v1.SessionKey\x12\r\n\x05steps\x18\x02 \x01(\x04\x12\x13\n\x0bstate_bytes\x18\x03 \x01(\x04\x12;\n\nlast_stats\x18\x04 \x03(\x0b\x32\'.ttaserve.v1.SessionInfo.LastStatsEntry\x12\x15\n\rsettings_json\x18\x05 \x01(\t\x12\x14\n\x0c\x63reated_unix\x18\x06 \x01(\x01\x12\x16\n\x0elast_used_unix\x18\x07 \x01(\x01\x12\x0e\n\x06resets\x18\x08 \x01(\x04\x12\x15\n\rmodel_version\x18\t \x01(\t\x1a\x30\n\x0eLastStatsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\">\n\x13ListSessionsRequest\x12\x12\n\nmodel_name\x18\x01 \x01(\t\x12\x13\n\x0b\x61ll_callers\x18\x02 \x01(\x08\"B\n\x14ListSessionsResponse\x12*\n\x08sessions\x18\x01 \x03(\x0b\x32\x18.ttaserve.v1.SessionInfo\"9\n\x11GetSessionRequest\x12$\n\x03key\x18\x01 \x01(\x0b\x32\x17.ttaserve.v1.SessionKey\"?\n\x12GetSessionResponse\x12)\n\x07session\x18\x01 \x01(\x0b\x32\x18.ttaserve.v1.SessionInfo\";\n\x13ResetSessionRequest\x12$\n\x03key\x18\x01 \x01(\x0b\x32\x17.ttaserve.v1.SessionKey\"A\n\x14ResetSessionResponse\x12)\n\x07session\x18\x01 \x01(\x0b\x32\x18.ttaserve.v1.SessionInfo\"9\n\x11\x45ndSessionRequest\x12$\n\x03key\x18\x01 \x01(\x0b\x32\x17.ttaserve.v1.SessionKey\"\x14\n\x12\x45ndSessionResponse\"S\n\x16SnapshotSessionRequest\x12$\n\x03key\x18\x01 \x01(\x0b\x32\x17.ttaserve.v1.SessionKey\x12\x13\n\x0breturn_data\x18\x02 \x01(\x08\"H\n\x17SnapshotSessionResponse\x12\x0c\n\x04path\x18\x01 \x01(\t\x12\x11\n\tbyte_size\x18\x02 \x01(\x04\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\"K\n\x15RestoreSessionRequest\x12$\n\x03key\x18\x01 \x01(\x0b\x32\x17.ttaserve.v1.SessionKey\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c\"C\n\x16RestoreSessionResponse\x12)\n\x07session\x18\x01 \x01(\x0b\x32\x18.ttaserve.v1.SessionInfo2\xf6\x04\n\nAdaptation\x12[\n\x0eListStrategies\x12\".ttaserve.v1.ListStrategiesRequest\x1a#.ttaserve.v1.ListStrategiesResponse\"\x00\x12U\n\x0cListSessions\x12 .ttaserve.v1.ListSessionsRequest\x1a!.ttaserve.v1.ListSessionsResponse\"\x00\x12O\n\nGetSession\x12\x1e.ttaserve.v1.GetSessionRequest\x1a\x1f.ttaserve.v1.GetSessionResponse\"\x00\x12U\n\x0cResetSession\x12 .ttaserve.v1.ResetSessionRequest\x1a!.ttaserve.v1.ResetSessionResponse\"\x00\x12O\n\nEndSession\x12\x1e.ttaserve.v1.EndSessionRequest\x1a\x1f.ttaserve.v1.EndSessionResponse\"\x00\x12^\n\x0fSnapshotSession\x12#.ttaserve.v1.SnapshotSessionRequest\x1a$.ttaserve.v1.SnapshotSessionResponse\"\x00\x12[\n\x0eRestoreSession\x12\".ttaserve.v1.RestoreSessionRequest\x1a#.ttaserve.v1.RestoreSessionResponse\"\x00\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\"ttaserve/protocol/adaptation.proto\x12\x0bttaserve.v1\"\xa0\x01\n\x0cStrategyInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x02 \x01(\t\x12\x1a\n\x12\x63onfig_schema_json\x18\x03 \x01(\t\x12\x15\n\rdefaults_json\x18\x04 \x01(\t\x12\x10\n\x08stateful\x18\x05 \x01(\x08\x12\x16\n\x0euses_gradients\x18\x06 \x01(\x08\x12\x10\n\x08requires\x18\x07 \x03(\t\"+\n\x15ListStrategiesRequest\x12\x12\n\nmodel_name\x18\x01 \x01(\t\"G\n\x16ListStrategiesResponse\x12-\n\nstrategies\x18\x01 \x03(\x0b\x32\x19.ttaserve.v1.StrategyInfo\"W\n\nSessionKey\x12\x0e\n\x06\x63\x61ller\x18\x01 \x01(\t\x12\x12\n\nmodel_name\x18\x02 \x01(\t\x12\x10\n\x08strategy\x18\x03 \x01(\t\x12\x13\n\x0bsequence_id\x18\x04 \x01(\t\"\xc3\x02\n\x0bSessionInfo\x12$\n\x03key\x18\x01 \x01(\x0b\x32\x17.ttaserve.v1.SessionKey\x12\r\n\x05steps\x18\x02 \x01(\x04\x12\x13\n\x0bstate_bytes\x18\x03 \x01(\x04\x12;\n\nlast_stats\x18\x04 \x03(\x0b\x32\'.ttaserve.v1.SessionInfo.LastStatsEntry\x12\x15\n\rsettings_json\x18\x05 \x01(\t\x12\x14\n\x0c\x63reated_unix\x18\x06 \x01(\x01\x12\x16\n\x0elast_used_unix\x18\x07 \x01(\x01\x12\x0e\n\x06resets\x18\x08 \x01(\x04\x12\x15\n\rmodel_version\x18\t \x01(\t\x12\x0f\n\x07spilled\x18\n \x01(\x08\x1a\x30\n\x0eLastStatsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\">\n\x13ListSessionsRequest\x12\x12\n\nmodel_name\x18\x01 \x01(\t\x12\x13\n\x0b\x61ll_callers\x18\x02 \x01(\x08\"B\n\x14ListSessionsResponse\x12*\n\x08sessions\x18\x01 \x03(\x0b\x32\x18.ttaserve.v1.SessionInfo\"9\n\x11GetSessionRequest\x12$\n\x03key\x18\x01 \x01(\x0b\x32\x17.ttaserve.v1.SessionKey\"?\n\x12GetSessionResponse\x12)\n\x07session\x18\x01 \x01(\x0b\x32\x18.ttaserve.v1.SessionInfo\";\n\x13ResetSessionRequest\x12$\n\x03key\x18\x01 \x01(\x0b\x32\x17.ttaserve.v1.SessionKey\"A\n\x14ResetSessionResponse\x12)\n\x07session\x18\x01 \x01(\x0b\x32\x18.ttaserve.v1.SessionInfo\"9\n\x11\x45ndSessionRequest\x12$\n\x03key\x18\x01 \x01(\x0b\x32\x17.ttaserve.v1.SessionKey\"\x14\n\x12\x45ndSessionResponse\"S\n\x16SnapshotSessionRequest\x12$\n\x03key\x18\x01 \x01(\x0b\x32\x17.ttaserve.v1.SessionKey\x12\x13\n\x0breturn_data\x18\x02 \x01(\x08\"H\n\x17SnapshotSessionResponse\x12\x0c\n\x04path\x18\x01 \x01(\t\x12\x11\n\tbyte_size\x18\x02 \x01(\x04\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\"K\n\x15RestoreSessionRequest\x12$\n\x03key\x18\x01 \x01(\x0b\x32\x17.ttaserve.v1.SessionKey\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c\"C\n\x16RestoreSessionResponse\x12)\n\x07session\x18\x01 \x01(\x0b\x32\x18.ttaserve.v1.SessionInfo2\xf6\x04\n\nAdaptation\x12[\n\x0eListStrategies\x12\".ttaserve.v1.ListStrategiesRequest\x1a#.ttaserve.v1.ListStrategiesResponse\"\x00\x12U\n\x0cListSessions\x12 .ttaserve.v1.ListSessionsRequest\x1a!.ttaserve.v1.ListSessionsResponse\"\x00\x12O\n\nGetSession\x12\x1e.ttaserve.v1.GetSessionRequest\x1a\x1f.ttaserve.v1.GetSessionResponse\"\x00\x12U\n\x0cResetSession\x12 .ttaserve.v1.ResetSessionRequest\x1a!.ttaserve.v1.ResetSessionResponse\"\x00\x12O\n\nEndSession\x12\x1e.ttaserve.v1.EndSessionRequest\x1a\x1f.ttaserve.v1.EndSessionResponse\"\x00\x12^\n\x0fSnapshotSession\x12#.ttaserve.v1.SnapshotSessionRequest\x1a$.ttaserve.v1.SnapshotSessionResponse\"\x00\x12[\n\x0eRestoreSession\x12\".ttaserve.v1.RestoreSessionRequest\x1a#.ttaserve.v1.RestoreSessionResponse\"\x00\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -42,33 +42,33 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_SESSIONKEY']._serialized_start=332
   _globals['_SESSIONKEY']._serialized_end=419
   _globals['_SESSIONINFO']._serialized_start=422
-  _globals['_SESSIONINFO']._serialized_end=728
-  _globals['_SESSIONINFO_LASTSTATSENTRY']._serialized_start=680
-  _globals['_SESSIONINFO_LASTSTATSENTRY']._serialized_end=728
-  _globals['_LISTSESSIONSREQUEST']._serialized_start=730
-  _globals['_LISTSESSIONSREQUEST']._serialized_end=792
-  _globals['_LISTSESSIONSRESPONSE']._serialized_start=794
-  _globals['_LISTSESSIONSRESPONSE']._serialized_end=860
-  _globals['_GETSESSIONREQUEST']._serialized_start=862
-  _globals['_GETSESSIONREQUEST']._serialized_end=919
-  _globals['_GETSESSIONRESPONSE']._serialized_start=921
-  _globals['_GETSESSIONRESPONSE']._serialized_end=984
-  _globals['_RESETSESSIONREQUEST']._serialized_start=986
-  _globals['_RESETSESSIONREQUEST']._serialized_end=1045
-  _globals['_RESETSESSIONRESPONSE']._serialized_start=1047
-  _globals['_RESETSESSIONRESPONSE']._serialized_end=1112
-  _globals['_ENDSESSIONREQUEST']._serialized_start=1114
-  _globals['_ENDSESSIONREQUEST']._serialized_end=1171
-  _globals['_ENDSESSIONRESPONSE']._serialized_start=1173
-  _globals['_ENDSESSIONRESPONSE']._serialized_end=1193
-  _globals['_SNAPSHOTSESSIONREQUEST']._serialized_start=1195
-  _globals['_SNAPSHOTSESSIONREQUEST']._serialized_end=1278
-  _globals['_SNAPSHOTSESSIONRESPONSE']._serialized_start=1280
-  _globals['_SNAPSHOTSESSIONRESPONSE']._serialized_end=1352
-  _globals['_RESTORESESSIONREQUEST']._serialized_start=1354
-  _globals['_RESTORESESSIONREQUEST']._serialized_end=1429
-  _globals['_RESTORESESSIONRESPONSE']._serialized_start=1431
-  _globals['_RESTORESESSIONRESPONSE']._serialized_end=1498
-  _globals['_ADAPTATION']._serialized_start=1501
-  _globals['_ADAPTATION']._serialized_end=2131
+  _globals['_SESSIONINFO']._serialized_end=745
+  _globals['_SESSIONINFO_LASTSTATSENTRY']._serialized_start=697
+  _globals['_SESSIONINFO_LASTSTATSENTRY']._serialized_end=745
+  _globals['_LISTSESSIONSREQUEST']._serialized_start=747
+  _globals['_LISTSESSIONSREQUEST']._serialized_end=809
+  _globals['_LISTSESSIONSRESPONSE']._serialized_start=811
+  _globals['_LISTSESSIONSRESPONSE']._serialized_end=877
+  _globals['_GETSESSIONREQUEST']._serialized_start=879
+  _globals['_GETSESSIONREQUEST']._serialized_end=936
+  _globals['_GETSESSIONRESPONSE']._serialized_start=938
+  _globals['_GETSESSIONRESPONSE']._serialized_end=1001
+  _globals['_RESETSESSIONREQUEST']._serialized_start=1003
+  _globals['_RESETSESSIONREQUEST']._serialized_end=1062
+  _globals['_RESETSESSIONRESPONSE']._serialized_start=1064
+  _globals['_RESETSESSIONRESPONSE']._serialized_end=1129
+  _globals['_ENDSESSIONREQUEST']._serialized_start=1131
+  _globals['_ENDSESSIONREQUEST']._serialized_end=1188
+  _globals['_ENDSESSIONRESPONSE']._serialized_start=1190
+  _globals['_ENDSESSIONRESPONSE']._serialized_end=1210
+  _globals['_SNAPSHOTSESSIONREQUEST']._serialized_start=1212
+  _globals['_SNAPSHOTSESSIONREQUEST']._serialized_end=1295
+  _globals['_SNAPSHOTSESSIONRESPONSE']._serialized_start=1297
+  _globals['_SNAPSHOTSESSIONRESPONSE']._serialized_end=1369
+  _globals['_RESTORESESSIONREQUEST']._serialized_start=1371
+  _globals['_RESTORESESSIONREQUEST']._serialized_end=1446
+  _globals['_RESTORESESSIONRESPONSE']._serialized_start=1448
+  _globals['_RESTORESESSIONRESPONSE']._serialized_end=1515
+  _globals['_ADAPTATION']._serialized_start=1518
+  _globals['_ADAPTATION']._serialized_end=2148
 # @@protoc_insertion_point(module_scope)

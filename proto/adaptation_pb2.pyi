@@ -49,7 +49,7 @@ class SessionKey(_message.Message):
     def __init__(self, caller: _Optional[str] = ..., model_name: _Optional[str] = ..., strategy: _Optional[str] = ..., sequence_id: _Optional[str] = ...) -> None: ...
 
 class SessionInfo(_message.Message):
-    __slots__ = ("key", "steps", "state_bytes", "last_stats", "settings_json", "created_unix", "last_used_unix", "resets", "model_version")
+    __slots__ = ("key", "steps", "state_bytes", "last_stats", "settings_json", "created_unix", "last_used_unix", "resets", "model_version", "spilled")
     class LastStatsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -66,6 +66,7 @@ class SessionInfo(_message.Message):
     LAST_USED_UNIX_FIELD_NUMBER: _ClassVar[int]
     RESETS_FIELD_NUMBER: _ClassVar[int]
     MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
+    SPILLED_FIELD_NUMBER: _ClassVar[int]
     key: SessionKey
     steps: int
     state_bytes: int
@@ -75,7 +76,8 @@ class SessionInfo(_message.Message):
     last_used_unix: float
     resets: int
     model_version: str
-    def __init__(self, key: _Optional[_Union[SessionKey, _Mapping]] = ..., steps: _Optional[int] = ..., state_bytes: _Optional[int] = ..., last_stats: _Optional[_Mapping[str, float]] = ..., settings_json: _Optional[str] = ..., created_unix: _Optional[float] = ..., last_used_unix: _Optional[float] = ..., resets: _Optional[int] = ..., model_version: _Optional[str] = ...) -> None: ...
+    spilled: bool
+    def __init__(self, key: _Optional[_Union[SessionKey, _Mapping]] = ..., steps: _Optional[int] = ..., state_bytes: _Optional[int] = ..., last_stats: _Optional[_Mapping[str, float]] = ..., settings_json: _Optional[str] = ..., created_unix: _Optional[float] = ..., last_used_unix: _Optional[float] = ..., resets: _Optional[int] = ..., model_version: _Optional[str] = ..., spilled: bool = ...) -> None: ...
 
 class ListSessionsRequest(_message.Message):
     __slots__ = ("model_name", "all_callers")

@@ -20,25 +20,26 @@ from .inference_service import caller_of, deadline_of, visible_to
 from .loaded_model import LoadedModel
 from .metrics import Metrics
 from .repository import ModelRepository
-from .sessions import Session, SessionKey, SessionTable, snapshot_payload
+from .sessions import Session, SessionKey, SessionSummary, SessionTable, no_session, snapshot_payload
 from .sessions import session_from_payload as restore_payload
 from .warmup import initial_state
 
 T = TypeVar("T")
 
 
-def session_info(session: Session) -> apb.SessionInfo:
-    key = session.key
+def session_info(summary: SessionSummary) -> apb.SessionInfo:
+    key = summary.key
     return apb.SessionInfo(
         key=apb.SessionKey(caller=key.caller, model_name=key.model, strategy=key.strategy, sequence_id=key.sequence_id),
-        steps=session.steps,
-        state_bytes=session.state_bytes(),
-        last_stats=session.last_stats,
-        settings_json=session.settings.model_dump_json(),
-        created_unix=session.created,
-        last_used_unix=session.last_used,
-        resets=session.resets,
-        model_version=str(session.model_version),
+        steps=summary.steps,
+        state_bytes=summary.state_bytes,
+        last_stats=summary.last_stats,
+        settings_json=summary.settings_json,
+        created_unix=summary.created,
+        last_used_unix=summary.last_used,
+        resets=summary.resets,
+        model_version=str(summary.model_version),
+        spilled=summary.spilled,
     )
 
 
@@ -99,19 +100,26 @@ class AdaptationServicer(adaptation_pb2_grpc.AdaptationServicer):
     def ListSessions(self, request: apb.ListSessionsRequest, context: grpc.ServicerContext) -> apb.ListSessionsResponse:
         caller = caller_of(context)
         response = apb.ListSessionsResponse()
-        for session in self.sessions.sessions():
-            if request.model_name and session.key.model != request.model_name:
+        for summary in self.sessions.summaries():
+            key = summary.key
+            if request.model_name and key.model != request.model_name:
                 continue
-            if session.key.caller != caller and not (request.all_callers and visible_to(context, session.key.caller)):
+            if key.caller != caller and not (request.all_callers and visible_to(context, key.caller)):
                 continue
-            response.sessions.append(session_info(session))
+            response.sessions.append(session_info(summary))
         return response
 
     def GetSession(self, request: apb.GetSessionRequest, context: grpc.ServicerContext) -> apb.GetSessionResponse:
-        return self._call(
-            context,
-            lambda: apb.GetSessionResponse(session=session_info(self._session(self._key(request.key, context)))),
-        )
+        """A spilled session is described as it was when it left memory, and stays on disk."""
+
+        def get() -> apb.GetSessionResponse:
+            key = self._key(request.key, context)
+            summary = self.sessions.summary(key)
+            if summary is None:
+                raise no_session(key)
+            return apb.GetSessionResponse(session=session_info(summary))
+
+        return self._call(context, get)
 
     def ResetSession(self, request: apb.ResetSessionRequest, context: grpc.ServicerContext) -> apb.ResetSessionResponse:
         def reset() -> apb.ResetSessionResponse:
@@ -127,7 +135,7 @@ class AdaptationServicer(adaptation_pb2_grpc.AdaptationServicer):
                 session.last_stats = {}
                 session.last_request = None
             self.metrics.session_resets.labels(key.model, key.strategy, "manual").inc()
-            return apb.ResetSessionResponse(session=session_info(session))
+            return apb.ResetSessionResponse(session=session_info(session.summary()))
 
         return self._call(context, reset)
 
@@ -181,7 +189,7 @@ class AdaptationServicer(adaptation_pb2_grpc.AdaptationServicer):
                 )
             session.key = key
             self.sessions.add(session)
-            return apb.RestoreSessionResponse(session=session_info(session))
+            return apb.RestoreSessionResponse(session=session_info(session.summary()))
 
         return self._call(context, restore)
 

@@ -89,6 +89,7 @@ class ServerHandle:
         self.health.drain()
         if not self.inflight.wait_idle(self.settings.drain_timeout_s):
             log.warning("drain timeout: requests still in flight after %.1fs", self.settings.drain_timeout_s)
+        self.sessions.flush()  # evicted sessions still on their way to disk
         saved = 0
         for session in self.sessions.sessions():
             with session.lock.hold():
@@ -106,6 +107,7 @@ class ServerHandle:
         if self.tls is not None:
             self.tls.stop()
         self.server.stop(grace_s).wait()
+        self.sessions.close()
         self.metrics.close()
         self.repository.close()
         compute.release()

@@ -108,19 +108,30 @@ class _SessionCollector(Collector):
             key = (session.key.model, session.key.strategy)
             count[key] += 1
             state_bytes[key] += session.state_bytes()
-        sessions, memory = self.describe()
+        spilled: Tally[tuple[str, str]] = Tally()
+        for spilled_key in self._table.spilled_keys():
+            spilled[spilled_key.model, spilled_key.strategy] += 1
+        sessions, memory, on_disk = self.describe()
         for key in sorted(count):
             sessions.add_metric(key, count[key])
             memory.add_metric(key, state_bytes[key])
+        for key in sorted(spilled):
+            on_disk.add_metric(key, spilled[key])
         yield sessions
         yield memory
+        yield on_disk
 
-    def describe(self) -> tuple[GaugeMetricFamily, GaugeMetricFamily]:
+    def describe(self) -> tuple[GaugeMetricFamily, GaugeMetricFamily, GaugeMetricFamily]:
         labels = ("model", "strategy")
         return (
             GaugeMetricFamily("ttaserve_active_sessions", "Live adaptation sessions", labels=labels),
             GaugeMetricFamily(
                 "ttaserve_session_state_bytes", "Bytes of adaptation state held by live sessions", labels=labels
+            ),
+            GaugeMetricFamily(
+                "ttaserve_spilled_sessions",
+                "Sessions out of memory: spilled to their snapshot files because the session table was full",
+                labels=labels,
             ),
         )
 

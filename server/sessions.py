@@ -24,6 +24,7 @@ from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -33,6 +34,7 @@ from ttaserve.adapters import AdapterState, StrategyConfig, get_strategy_class
 
 from .errors import InvalidArgument, NotFound
 from .tensor_pack import pack, unpack
+from .write_behind import WriteBehind
 
 log = logging.getLogger(__name__)
 
@@ -162,6 +164,45 @@ class Session:
         extra = 0 if self.marginal is None else self.marginal.numel() * self.marginal.element_size()
         return self.state.nbytes() + extra
 
+    def summary(self, spilled: bool = False) -> SessionSummary:
+        return SessionSummary(
+            key=self.key,
+            model_version=self.model_version,
+            steps=self.steps,
+            resets=self.resets,
+            state_bytes=self.state_bytes(),
+            settings_json=self.settings.model_dump_json(),
+            last_stats=dict(self.last_stats),
+            created=self.created,
+            last_used=self.last_used,
+            spilled=spilled,
+        )
+
+
+@dataclass(frozen=True)
+class SessionSummary:
+    """What ListSessions and GetSession tell of a session. The table keeps one for each session it spilled to
+    disk, so that listing or inspecting those reads no file and brings none back into memory."""
+
+    key: SessionKey
+    model_version: int
+    steps: int
+    resets: int
+    state_bytes: int
+    settings_json: str
+    last_stats: dict[str, float]
+    created: float
+    last_used: float
+    #: not in memory: written to its snapshot file (or on its way there) because the table was full
+    spilled: bool
+
+
+def no_session(key: SessionKey) -> NotFound:
+    return NotFound(
+        f"no session for caller '{key.caller}', model '{key.model}', strategy '{key.strategy}', "
+        f"sequence id '{key.sequence_id}'"
+    )
+
 
 #: told the key and the reason whenever a session leaves the table: ended, evicted, spilled, expired, ...
 EvictionListener = Callable[[SessionKey, str], None]
@@ -174,8 +215,14 @@ class SessionTable:
     beyond either the least recently used idle session goes (one in the middle of a step stays until a later add).
     With ``spill`` an evicted session is not lost but written to its snapshot file, once any step on it has
     finished, and its next request restores it from there: the table is then a cache of the streams' states, and
-    a fleet of streams larger than it keeps adapting, at the cost of a disk write and read per eviction.
+    a fleet of streams larger than it keeps adapting, at the cost of a disk write and read per eviction. The
+    writes run on a background thread (the request that overflowed the table does not wait for them) with at most
+    ``SPILL_QUEUE`` waiting, so evicted sessions in memory exceed the limits by that many at most; ``flush``
+    waits for them, ``close`` too and stops the thread.
     """
+
+    #: evicted sessions that may wait in memory for the background writer; past that the evicting request writes
+    SPILL_QUEUE = 4
 
     def __init__(
         self,
@@ -197,8 +244,10 @@ class SessionTable:
         self._bytes = 0  # the live sessions' ``size``, summed
         #: evicted sessions on their way to disk: a request for one takes it back as it is
         self._spilling: dict[SessionKey, Session] = {}
-        #: when each session this table spilled to disk was last used, for its idle expiry there
-        self._spilled: dict[SessionKey, float] = {}
+        #: each session this table spilled to disk, as it was then: for listing, and for its idle expiry there
+        self._spilled: dict[SessionKey, SessionSummary] = {}
+        #: writes evicted sessions to disk in the background (``limit`` 0: in the evicting request)
+        self.spill_writer = WriteBehind(self.SPILL_QUEUE, "session-spill")
         #: the last request of sessions that a request ended (as many as there may be live sessions), for a retry
         #: of that request; dropped when a new session takes the key
         self._ended: OrderedDict[SessionKey, AppliedRequest] = OrderedDict()
@@ -226,18 +275,20 @@ class SessionTable:
     def require(self, key: SessionKey) -> Session:
         session = self.get(key)
         if session is None:
-            raise NotFound(
-                f"no session for caller '{key.caller}', model '{key.model}', strategy '{key.strategy}', "
-                f"sequence id '{key.sequence_id}'"
-            )
+            raise no_session(key)
         return session
 
     def add(self, session: Session) -> None:
+        """Make ``session`` the live one under its key; an older state there (live, spilled or on its way to
+        disk) is superseded, and a spill file of it deleted."""
         with self._lock:
             self._ended.pop(session.key, None)
-            self._spilled.pop(session.key, None)
+            self._spilling.pop(session.key, None)
+            was_on_disk = self._spilled.pop(session.key, None) is not None
             self._insert_locked(session)
             evicted = self._evict_locked(session)
+        if was_on_disk:
+            self.delete_snapshot(session.key)
         self._let_go(evicted)
 
     def trim(self) -> None:
@@ -286,7 +337,7 @@ class SessionTable:
     def _let_go(self, evicted: list[Session]) -> None:
         for session in evicted:
             if self.spill:
-                self._write_spilled(session)
+                self.spill_writer.submit(partial(self._write_spilled, session))
             else:
                 log.info("session %s evicted (table full: %s)", session.key, self._limits())
                 self._notify(session.key, "evicted")
@@ -294,6 +345,9 @@ class SessionTable:
     def _write_spilled(self, session: Session) -> None:
         """Write an evicted session to its snapshot file once any step on it has finished. A request that took it
         back meanwhile, or a model unload that dropped it, keeps the file from staying behind."""
+        with self._lock:
+            if self._spilling.get(session.key) is not session:
+                return  # taken back: no need to wait for a step on it
         with session.lock.hold():
             with self._lock:
                 if self._spilling.get(session.key) is not session:
@@ -310,11 +364,12 @@ class SessionTable:
                     log.error("session %s evicted and lost: cannot write its snapshot: %s", session.key, exc)
                     self._notify(session.key, "evicted")
                 return
+            summary = session.summary(spilled=True)
             with self._lock:
                 written = self._spilling.get(session.key) is session
                 if written:
                     del self._spilling[session.key]
-                    self._spilled[session.key] = session.last_used
+                    self._spilled[session.key] = summary
             if not written:
                 path.unlink(missing_ok=True)
                 return
@@ -381,13 +436,50 @@ class SessionTable:
         now = time.time() if now is None else now
         with self._lock:
             stale = [k for k, s in self._sessions.items() if now - s.last_used > self.idle_timeout_s]
-            stale += [k for k, used in self._spilled.items() if now - used > self.idle_timeout_s]
+            stale += [k for k, spilled in self._spilled.items() if now - spilled.last_used > self.idle_timeout_s]
         return sum(1 for key in stale if self.remove(key, "expired"))
 
     def spilled(self, key: SessionKey) -> bool:
         """Whether the session under ``key`` lives in its snapshot file, spilled there by this table."""
         with self._lock:
             return key in self._spilled
+
+    def spilled_keys(self) -> list[SessionKey]:
+        """The sessions out of memory: spilled to disk, or on their way there."""
+        with self._lock:
+            return [*self._spilling, *self._spilled]
+
+    def summary(self, key: SessionKey) -> SessionSummary | None:
+        """The session under ``key`` as ListSessions shows it, live or spilled (without bringing it back)."""
+        with self._lock:
+            session = self._sessions.get(key)
+            spilling = self._spilling.get(key)
+            spilled = self._spilled.get(key)
+        if session is not None:
+            return session.summary()
+        if spilling is not None:
+            return spilling.summary(spilled=True)
+        return spilled
+
+    def summaries(self) -> list[SessionSummary]:
+        """Every session of the table, live ones first (least recently used first), then those out of memory."""
+        with self._lock:
+            live = list(self._sessions.values())
+            spilling = list(self._spilling.values())
+            spilled = list(self._spilled.values())
+        return [
+            *(session.summary() for session in live),
+            *(session.summary(spilled=True) for session in spilling),
+            *spilled,
+        ]
+
+    def flush(self) -> None:
+        """Wait until every evicted session so far is written to disk (or back in the table)."""
+        self.spill_writer.flush()
+
+    def close(self) -> None:
+        """Write the evicted sessions still in memory, and stop the background writer."""
+        self.spill_writer.close()
 
     def total_state_bytes(self) -> int:
         return sum(s.state_bytes() for s in self.sessions())
@@ -428,9 +520,7 @@ class SessionTable:
             return None
         session = session_from_payload(payload, state_cls, device, model_serial)
         spilled = self.spilled(key)
-        if spilled:
-            self.delete_snapshot(key)
-        self.add(session)
+        self.add(session)  # deletes a spill's file
         # a spill coming back is routine (a table smaller than the fleet); a snapshot restored is a restart or failover
         log.log(logging.DEBUG if spilled else logging.INFO, "session %s restored at step %d", key, session.steps)
         return session

@@ -213,6 +213,21 @@ def test_cli_classify_models_strategies(url: str, png_files: list[Path]) -> None
     assert strategies.returncode == 0 and "tent" in strategies.stdout
 
 
+def test_cli_lists_sessions(url: str, images: np.ndarray) -> None:
+    with Client(url, caller="cli-lister") as owner, owner.session("cam-7", strategy="tent") as session:
+        for _ in range(2):
+            session.classify(images[..., None])
+        mine = _cli("sessions", "--url", url, "--caller", "cli-lister")
+        others = _cli("sessions", "--url", url, "--caller", "someone-else")
+        everyone = _cli("sessions", "--url", url, "--caller", "someone-else", "--all-callers")
+    assert mine.returncode == 0, mine.stderr
+    header, _, row = mine.stdout.splitlines()
+    assert header.split()[:4] == ["caller", "model", "strategy", "sequence"]
+    assert row.split()[:6] == ["cli-lister", MODEL, "tent", "cam-7", "2", "0"]
+    assert float(row.split()[6]) > 0 and "memory" in row
+    assert "cam-7" not in others.stdout and "cam-7" in everyone.stdout
+
+
 def test_cli_errors_are_one_line(url: str, png_files: list[Path]) -> None:
     done = _cli("classify", "--url", url, "--model", "nope", str(png_files[0]))
     assert done.returncode == 1

@@ -92,6 +92,7 @@ def observed(tmp_path_factory: pytest.TempPathFactory, real_images: np.ndarray) 
             send_known_traffic(
                 f"127.0.0.1:{server.grpc_port}", real_images, lambda: prom.wait_scraped_after(time.time())
             )
+            server.sessions.flush()  # 'old' written to its file by the background writer
             finished = time.time()
             prom.wait_scraped_after(finished)
             prom.wait_scraped_after(time.time())  # two samples since: rate() sees the last increase
@@ -157,6 +158,10 @@ def test_session_metrics(observed: Observed) -> None:
         for s in prom.query("ttaserve_active_sessions")
     }
     assert live == {("resnet", "tent"): 1, ("guarded", "tent"): 1, ("resnet", "unmix_tns"): 1}
+    spilled = [
+        (s["metric"]["model"], s["metric"]["strategy"], s["value"][1]) for s in prom.query("ttaserve_spilled_sessions")
+    ]
+    assert spilled == [("resnet", "unmix_tns", "1")]
     memory = by_label(prom, "sum by (strategy) (ttaserve_session_state_bytes)", "strategy")
     assert memory["tent"] > 0 and memory["unmix_tns"] > 0
 

@@ -19,6 +19,7 @@ from support import CIFAR_INPUT, CIFAR_PREPROCESSING, cifar_resnet20_config, see
 from tritonclient.utils import InferenceServerException
 
 from opskit.procs import wait_until
+from ttaserve.client import Client
 from ttaserve.protocol import adaptation_pb2 as apb
 from ttaserve.protocol import adaptation_pb2_grpc
 from ttaserve.server.app import ServerHandle
@@ -249,9 +250,11 @@ def test_without_spilling_an_evicted_session_is_lost(model_repo: Path, tmp_path:
 def test_streams_beyond_the_table_keep_adapting_through_spills(
     model_repo: Path, tmp_path: Path, real_images: np.ndarray, limit: str
 ) -> None:
-    """Six concurrent TENT streams through a table that holds two sessions (by count, or by bytes of state): each
-    evicted session is written to disk and restored by its next request, so every stream gives bit for bit the
-    outputs it gives alone, and nothing is lost."""
+    """Six TENT streams through a table that holds two sessions (by count, or by bytes of state): an evicted
+    session goes to disk, or is taken back by its next request while still waiting for the background writer, so
+    every stream gives bit for bit the outputs it gives alone and nothing is lost. First the six run concurrently
+    (requests racing the writer), then in turns with the writer flushed between them (every turn restores four
+    sessions from their files)."""
     streams = [stream_of(real_images, seed) for seed in range(6)]
     roomy = start(model_repo, models=("resnet",), snapshot_dir=tmp_path / "roomy")
     try:
@@ -265,55 +268,118 @@ def test_streams_beyond_the_table_keep_adapting_through_spills(
     limits = {"max_sessions": 2} if limit == "sessions" else {"max_session_memory_mib": 2.5 * size / 2**20}
     snapshots = tmp_path / "tight"
     tight = start(model_repo, models=("resnet",), snapshot_dir=snapshots, **limits)
+    labels = {"model": "resnet", "strategy": "tent"}
+
+    def sample(name: str, **extra: str) -> float:
+        return tight.metrics.registry.get_sample_value(name, {**labels, **extra}) or 0.0
+
     try:
         url = f"127.0.0.1:{tight.grpc_port}"
         with ThreadPoolExecutor(6) as pool:
             together = list(pool.map(lambda i: run_stream(url, streams[i], "tent", f"cam-{i}"), range(6)))
-        for solo, mixed in zip(alone, together, strict=True):
-            for a, b in zip(solo, mixed, strict=True):
-                np.testing.assert_array_equal(a, b)
-        labels = {"model": "resnet", "strategy": "tent"}
-        spills = tight.metrics.registry.get_sample_value("ttaserve_session_spills_total", labels)
-        restored = tight.metrics.registry.get_sample_value(
-            "ttaserve_sessions_opened_total", {**labels, "event": "restored"}
-        )
-        evicted = tight.metrics.registry.get_sample_value(
-            "ttaserve_session_resets_total", {**labels, "reason": "evicted"}
-        )
-        assert spills is not None and spills >= 4, "at least four of six streams went to disk at some point"
-        assert restored is not None and restored >= 1 and evicted == 0
+        tight.sessions.flush()
         assert len(tight.sessions) == 0 and list(snapshots.glob("*.pt")) == [], "ended streams leave nothing behind"
+
+        client = tc.InferenceServerClient(url)
+        in_turns: list[list[np.ndarray]] = [[] for _ in streams]
+        spills_before, restored_before = (
+            sample("ttaserve_session_spills_total"),
+            sample("ttaserve_sessions_opened_total", event="restored"),
+        )
+        for step in range(4):
+            for i, batches in enumerate(streams):
+                result = infer(client, batches[step], "tent", f"turn-{i}", start=step == 0, end=step == 3)
+                in_turns[i].append(result.as_numpy("logits"))
+            tight.sessions.flush()
+        for solo, mixed, turns in zip(alone, together, in_turns, strict=True):
+            for a, b, c in zip(solo, mixed, turns, strict=True):
+                np.testing.assert_array_equal(a, b)
+                np.testing.assert_array_equal(a, c)
+        assert sample("ttaserve_session_spills_total") - spills_before >= 4 * 3, "four of six to disk in each turn"
+        assert sample("ttaserve_sessions_opened_total", event="restored") - restored_before >= 4 * 3
+        assert sample("ttaserve_session_resets_total", reason="evicted") == 0
+        assert len(tight.sessions) == 0 and list(snapshots.glob("*.pt")) == []
     finally:
         tight.stop()
 
 
-def test_a_spilled_session_is_found_ended_and_expired_like_a_live_one(
+def test_a_spilled_session_is_listed_found_ended_and_expired_like_a_live_one(
     model_repo: Path, tmp_path: Path, real_images: np.ndarray
 ) -> None:
+    """Listing and inspecting sessions shows the spilled ones as such without bringing them back into memory."""
     handle = start(model_repo, models=("resnet",), max_sessions=2, snapshot_dir=tmp_path)
     try:
         url = f"127.0.0.1:{handle.grpc_port}"
         client = tc.InferenceServerClient(url)
         for name in ("a", "b", "c", "d"):
             infer(client, real_images[:4], "tent", name, start=True)
+        handle.sessions.flush()
         assert sorted(s.key.sequence_id for s in handle.sessions.sessions()) == ["c", "d"]
         assert len(list(tmp_path.glob("*.pt"))) == 2
         with grpc.insecure_channel(url) as channel:
             stub = adaptation_pb2_grpc.AdaptationStub(channel)
+            listed = stub.ListSessions(apb.ListSessionsRequest(model_name="resnet")).sessions
+            assert {s.key.sequence_id: s.spilled for s in listed} == {"a": True, "b": True, "c": False, "d": False}
             key = apb.SessionKey(model_name="resnet", strategy="tent", sequence_id="a")
             found = stub.GetSession(apb.GetSessionRequest(key=key)).session
-            assert found.steps == 1, "GetSession brings a spilled session back"
-            stub.EndSession(
-                apb.EndSessionRequest(key=apb.SessionKey(model_name="resnet", strategy="tent", sequence_id="b"))
+            assert found.spilled and found.steps == 1 and found.state_bytes > 0
+            with Client(url) as sdk:
+                assert {s.sequence_id: s.spilled for s in sdk.sessions("resnet")} == {
+                    "a": True,
+                    "b": True,
+                    "c": False,
+                    "d": False,
+                }
+            assert json.loads(found.settings_json) == json.loads(next(s for s in listed if s.spilled).settings_json)
+            b = apb.SessionKey(model_name="resnet", strategy="tent", sequence_id="b")
+            stub.EndSession(apb.EndSessionRequest(key=b))
+            with pytest.raises(grpc.RpcError) as excinfo:
+                stub.GetSession(apb.GetSessionRequest(key=b))
+            assert excinfo.value.code() == grpc.StatusCode.NOT_FOUND and "sequence id 'b'" in str(
+                excinfo.value.details()
             )
-        assert sorted(s.key.sequence_id for s in handle.sessions.sessions()) == ["a", "d"]
-        assert len(list(tmp_path.glob("*.pt"))) == 1, "b's file went with it; c's is there"
+        assert sorted(s.key.sequence_id for s in handle.sessions.sessions()) == ["c", "d"], "looking left 'a' on disk"
+        assert len(list(tmp_path.glob("*.pt"))) == 1, "b's file went with it; a's is there"
         assert handle.sessions.expire_idle(now=time.time() + 10_000) == 3
         assert len(handle.sessions) == 0 and list(tmp_path.glob("*.pt")) == []
         expired = {"model": "resnet", "strategy": "tent", "reason": "expired"}
         assert handle.metrics.registry.get_sample_value("ttaserve_session_resets_total", expired) == 3
     finally:
         handle.stop()
+
+
+def test_evicted_sessions_on_their_way_to_disk_survive_a_stop(
+    model_repo: Path, tmp_path: Path, real_images: np.ndarray
+) -> None:
+    """Spills are written in the background; stopping the server writes those still waiting, and a new server
+    continues each stream from its spilled state exactly as the old one would have."""
+    batches = stream_of(real_images, 21, batches=2, size=4)
+    names = [f"cam-{i}" for i in range(5)]
+    reference = start(model_repo, models=("resnet",), snapshot_dir=tmp_path / "reference")
+    try:
+        client = tc.InferenceServerClient(f"127.0.0.1:{reference.grpc_port}")
+        expected = {
+            n: [infer(client, b, "tent", n, start=i == 0).as_numpy("logits") for i, b in enumerate(batches)]
+            for n in names
+        }
+    finally:
+        reference.stop()
+    snapshots = tmp_path / "snapshots"
+    first = start(model_repo, models=("resnet",), max_sessions=1, snapshot_dir=snapshots)
+    client = tc.InferenceServerClient(f"127.0.0.1:{first.grpc_port}")
+    got = {n: [infer(client, batches[0], "tent", n, start=True).as_numpy("logits")] for n in names}
+    first.stop()
+    assert len(list(snapshots.glob("*.pt"))) == len(names) - 1, "every evicted session reached its file"
+    second = start(model_repo, models=("resnet",), max_sessions=1, snapshot_dir=snapshots)
+    try:
+        client = tc.InferenceServerClient(f"127.0.0.1:{second.grpc_port}")
+        for n in names[:-1]:
+            got[n].append(infer(client, batches[1], "tent", n).as_numpy("logits"))
+    finally:
+        second.stop()
+    for n in names[:-1]:
+        for a, b in zip(expected[n], got[n], strict=True):
+            np.testing.assert_array_equal(a, b)
 
 
 def test_snapshot_survives_restart(model_repo: Path, tmp_path: Path, real_images: np.ndarray) -> None:
