@@ -24,7 +24,7 @@ REQUIRED_PANELS = (
     "Adaptation step time by strategy",
     "Prediction entropy (drift)",
     "Collapses",
-    "Active sessions",
+    "Sessions: live and spilled",
     "Session state memory",
     "Model ready",
 )
