@@ -121,10 +121,14 @@ class AsyncClient(ClientBase):
         strategy: str = "none",
         settings: Settings | None = None,
         version: str | None = None,
+        *,
+        resume: bool = False,
     ) -> AsyncSession:
         """``async with client.session("cam-1") as s: await s.classify(batch)``; ``model=None`` is resolved on
-        first use, since a constructor cannot await."""
-        core = SessionCore(self.caller, model or "", str(sequence_id), strategy, dict(settings or {}), version or "")
+        first use, since a constructor cannot await. ``resume`` as for ``Client.session``."""
+        core = SessionCore(
+            self.caller, model or "", str(sequence_id), strategy, dict(settings or {}), version or "", started=resume
+        )
         return AsyncSession(self, core)
 
     async def sessions(self, model: str | None = None, all_callers: bool = False) -> list[SessionInfo]:

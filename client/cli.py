@@ -1,4 +1,5 @@
-"""The ``ttaserve`` command: run a server, classify images, list models and strategies, export to ONNX, evaluate.
+"""The ``ttaserve`` command: run a server, classify images, list models, strategies and sessions, manage a session,
+export to ONNX, evaluate.
 
 The client commands need only the SDK; ``serve``, ``export-onnx`` and ``eval`` import the server package (torch)
 when they run, so ``ttaserve classify`` stays fast and works with the base install. Failures print one line to
@@ -115,6 +116,10 @@ def _build_parser() -> argparse.ArgumentParser:
     classify.add_argument("--strategy", default="none", help="adaptation strategy (see 'ttaserve strategies')")
     classify.add_argument("--setting", type=_setting, action="append", default=[], metavar="KEY=VALUE")
     classify.add_argument("--session", default=None, metavar="ID", help="adapt across the batches of one session")
+    classify.add_argument(
+        "--resume", action="store_true", help="continue the session's state on the server instead of starting afresh"
+    )
+    classify.add_argument("--keep", action="store_true", help="leave the session open on the server when done")
     classify.add_argument("--batch-size", type=int, default=0, help="images per request (default: all in one)")
     classify.add_argument("--top-k", type=int, default=3)
     classify.add_argument(
@@ -131,6 +136,20 @@ def _build_parser() -> argparse.ArgumentParser:
     _add_connection(sessions)
     sessions.add_argument("--model", default=None, help="only this model's sessions")
     sessions.add_argument("--all-callers", action="store_true", help="every caller's sessions, not only yours")
+
+    session = commands.add_parser("session", help="inspect, reset, end, snapshot or restore one session")
+    _add_connection(session)
+    session.add_argument("action", choices=SESSION_ACTIONS)
+    session.add_argument("sequence_id", metavar="SEQUENCE_ID")
+    session.add_argument("--model", default=None, help="default: the server's only model")
+    session.add_argument("--strategy", required=True, help="the session's strategy (part of its key)")
+    session.add_argument(
+        "--file",
+        type=Path,
+        default=None,
+        help="snapshot: write the state here (else the server writes its snapshot file); restore: read it from here "
+        "(else the server's snapshot file)",
+    )
 
     strategies = commands.add_parser("strategies", help="list the adaptation strategies")
     _add_connection(strategies)
@@ -194,7 +213,9 @@ def _classify(args: argparse.Namespace) -> int:
     with _client(args) as client:
         session = None
         if args.session is not None:
-            session = client.session(args.session, args.model, args.strategy, settings, args.version)
+            session = client.session(
+                args.session, args.model, args.strategy, settings, args.version, resume=args.resume
+            )
         try:
             for batch in batches:
                 if session is not None:
@@ -204,7 +225,7 @@ def _classify(args: argparse.Namespace) -> int:
                 for row, path in enumerate(batch):
                     rows.append([str(path), result[row].label, f"{result[row].score:.3f}", _top_k(result, row)])
         finally:
-            if session is not None:
+            if session is not None and not args.keep:
                 session.end()
     print(format_table(["file", "label", "score", f"top-{args.top_k}"], rows))
     stats = ", ".join(f"{key} {value:.4g}" for key, value in result.stats.items())
@@ -255,6 +276,49 @@ def _sessions(args: argparse.Namespace) -> int:
     return 0
 
 
+SESSION_ACTIONS = ("info", "reset", "end", "snapshot", "restore")
+
+
+def _session(args: argparse.Namespace) -> int:
+    """One session's action; info, reset and restore print the session as it then is."""
+    with _client(args) as client:
+        session = client.session(args.sequence_id, args.model, args.strategy, resume=True)
+        if args.action == "end":
+            session.end()
+            print(f"session {args.sequence_id!r} ended")
+            return 0
+        if args.action == "snapshot":
+            snapshot = session.snapshot(return_data=args.file is not None)
+            if args.file is not None:
+                args.file.write_bytes(snapshot.data)
+            where = args.file if args.file is not None else f"{snapshot.path} on the server"
+            print(f"session {args.sequence_id!r}: {snapshot.byte_size} bytes written to {where}")
+            return 0
+        if args.action == "restore":
+            info = session.restore(args.file.read_bytes() if args.file is not None else b"")
+        elif args.action == "reset":
+            info = session.reset()
+        else:
+            info = session.info()
+    now = time.time()
+    rows = [
+        ["caller", info.caller],
+        ["model", f"{info.model} v{info.model_version}" if info.model_version else info.model],
+        ["strategy", info.strategy],
+        ["sequence id", info.sequence_id],
+        ["steps", info.steps],
+        ["resets", info.resets],
+        ["state MiB", f"{info.state_bytes / 2**20:.2f}"],
+        ["held in", "disk" if info.spilled else "memory"],
+        ["created", _ago(info.created_unix, now)],
+        ["last used", _ago(info.last_used_unix, now)],
+        ["settings", json.dumps(info.settings, separators=(",", ":"))],
+        *([f"last {key}", f"{value:.4g}"] for key, value in sorted(info.last_stats.items())),
+    ]
+    print(format_table(["field", "value"], rows))
+    return 0
+
+
 def _shorten(text: str, width: int = 60) -> str:
     """Keep a table readable; the full schema is in ``Client.list_strategies``."""
     return text if len(text) <= width else text[: width - 1] + "…"
@@ -299,6 +363,7 @@ _COMMANDS = {
     "classify": _classify,
     "models": _models,
     "sessions": _sessions,
+    "session": _session,
     "strategies": _strategies,
     "export-onnx": _export_onnx,
     "eval": _eval,

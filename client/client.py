@@ -123,10 +123,18 @@ class Client(ClientBase):
         strategy: str = "none",
         settings: Settings | None = None,
         version: str | None = None,
+        *,
+        resume: bool = False,
     ) -> Session:
-        """A stream whose adaptation state the server keeps across requests; use it as a context manager."""
+        """A stream whose adaptation state the server keeps across requests; use it as a context manager.
+
+        The first batch starts the session afresh (``sequence_start``), unless ``resume``: then it continues the
+        state the server holds under this id (a program that restarted picks up where it left off), or starts one
+        if there is none."""
         model = self._resolve_model(model)
-        core = SessionCore(self.caller, model, str(sequence_id), strategy, dict(settings or {}), version or "")
+        core = SessionCore(
+            self.caller, model, str(sequence_id), strategy, dict(settings or {}), version or "", started=resume
+        )
         return Session(self, core)
 
     def sessions(self, model: str | None = None, all_callers: bool = False) -> list[SessionInfo]:

@@ -228,6 +228,55 @@ def test_cli_lists_sessions(url: str, images: np.ndarray) -> None:
     assert "cam-7" not in others.stdout and "cam-7" in everyone.stdout
 
 
+def test_a_resumed_session_continues_the_servers_state(url: str, images: np.ndarray) -> None:
+    """A program that restarts and opens its session with ``resume`` continues the state; without it, the first
+    batch starts afresh."""
+    batch = images[..., None]
+    with Client(url, caller="restarting") as before:
+        gone = before.session("cam-r", strategy="tent")
+        steps = [gone.classify(batch).session_steps for _ in range(2)]
+        assert steps == [1, 2]
+    with Client(url, caller="restarting") as after:
+        with after.session("cam-r", strategy="tent", resume=True) as resumed:
+            assert resumed.info().steps == 2
+            continued = resumed.classify(batch)
+        assert continued.session_steps == 3 and continued.session_event is None
+        assert after.sessions() == [], "leaving the resumed session ended it"
+        with after.session("cam-r", strategy="tent") as fresh:
+            assert fresh.classify(batch).session_steps == 1
+
+
+def test_cli_manages_one_session(url: str, png_files: list[Path], tmp_path: Path) -> None:
+    key = ["--url", url, "--caller", "cli-owner", "--strategy", "tent"]
+    files = [str(p) for p in png_files[:2]]
+    opened = _cli("classify", *key, "--session", "cam-5", "--batch-size", "1", "--keep", *files)
+    assert opened.returncode == 0, opened.stderr
+
+    def field(output: str, name: str) -> str:
+        line = next(line for line in output.splitlines() if line.startswith(name + " "))
+        return line[len(name) :].strip()
+
+    info = _cli("session", "info", "cam-5", *key)
+    assert info.returncode == 0, info.stderr
+    assert field(info.stdout, "steps") == "2" and field(info.stdout, "held in") == "memory"
+    assert field(info.stdout, "caller") == "cli-owner" and "last entropy" in info.stdout
+    saved = tmp_path / "cam-5.snapshot"
+    snapshot = _cli("session", "snapshot", "cam-5", *key, "--file", str(saved))
+    assert snapshot.returncode == 0 and saved.stat().st_size > 0 and str(saved) in snapshot.stdout
+    more = _cli("classify", *key, "--session", "cam-5", "--resume", "--keep", files[0])
+    assert more.returncode == 0, more.stderr
+    assert field(_cli("session", "info", "cam-5", *key).stdout, "steps") == "3"
+    reset = _cli("session", "reset", "cam-5", *key)
+    assert reset.returncode == 0 and field(reset.stdout, "steps") == "0" and field(reset.stdout, "resets") == "1"
+    restored = _cli("session", "restore", "cam-5", *key, "--file", str(saved))
+    assert restored.returncode == 0 and field(restored.stdout, "steps") == "2", restored.stderr
+    ended = _cli("session", "end", "cam-5", *key)
+    assert ended.returncode == 0 and "ended" in ended.stdout
+    missing = _cli("session", "info", "cam-5", *key)
+    assert missing.returncode == 1 and "NOT_FOUND" in missing.stderr and "cam-5" in missing.stderr
+    assert missing.stderr.count("\n") == 1
+
+
 def test_cli_errors_are_one_line(url: str, png_files: list[Path]) -> None:
     done = _cli("classify", "--url", url, "--model", "nope", str(png_files[0]))
     assert done.returncode == 1
@@ -250,6 +299,10 @@ def test_async_client(url: str, images: np.ndarray) -> None:
                 assert (await session.classify(images[..., None])).session_steps == 1
                 assert (await session.classify(images[..., None])).session_steps == 2
                 assert (await session.info()).caller == "async"
+            left_open = client.session("a-2", strategy="tent")
+            assert (await left_open.classify(images[..., None])).session_steps == 1
+            async with client.session("a-2", strategy="tent", resume=True) as resumed:
+                assert (await resumed.classify(images[..., None])).session_steps == 2
             assert await client.sessions() == []
             with pytest.raises(DeadlineExceeded):
                 await client.classify(np.repeat(images[..., None], 64, axis=0), timeout_s=1e-4)
