@@ -348,6 +348,32 @@ def test_a_spilled_session_is_listed_found_ended_and_expired_like_a_live_one(
         handle.stop()
 
 
+def test_an_expired_session_continues_from_its_snapshot_and_an_ended_one_does_not(
+    model_repo: Path, tmp_path: Path, real_images: np.ndarray
+) -> None:
+    """Expiry frees memory but keeps the snapshot a session asked for (its durable copy); ending deletes it."""
+    handle = start(model_repo, models=("resnet",), snapshot_dir=tmp_path)
+    try:
+        url = f"127.0.0.1:{handle.grpc_port}"
+        client = tc.InferenceServerClient(url)
+        for i in range(2):
+            infer(client, real_images[:4], "tent", "kept", start=i == 0)
+        key = apb.SessionKey(model_name="resnet", strategy="tent", sequence_id="kept")
+        with grpc.insecure_channel(url) as channel:
+            adaptation_pb2_grpc.AdaptationStub(channel).SnapshotSession(apb.SnapshotSessionRequest(key=key))
+        assert handle.sessions.expire_idle(now=time.time() + 10_000) == 1 and len(handle.sessions) == 0
+        assert len(list(tmp_path.glob("*.pt"))) == 1
+        parameters = infer(client, real_images[:4], "tent", "kept").get_response().parameters
+        assert parameters["tta_session_event"].string_param == "restored"
+        assert parameters["tta_session_steps"].int64_param == 3
+        infer(client, real_images[:4], "tent", "kept", end=True)
+        assert list(tmp_path.glob("*.pt")) == [] and len(handle.sessions) == 0
+        parameters = infer(client, real_images[:4], "tent", "kept").get_response().parameters
+        assert parameters["tta_session_steps"].int64_param == 1, "an ended session starts afresh"
+    finally:
+        handle.stop()
+
+
 def test_evicted_sessions_on_their_way_to_disk_survive_a_stop(
     model_repo: Path, tmp_path: Path, real_images: np.ndarray
 ) -> None:
