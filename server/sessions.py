@@ -217,12 +217,14 @@ class SessionTable:
     finished, and its next request restores it from there: the table is then a cache of the streams' states, and
     a fleet of streams larger than it keeps adapting, at the cost of a disk write and read per eviction. The
     writes run on a background thread (the request that overflowed the table does not wait for them) with at most
-    ``SPILL_QUEUE`` waiting, so evicted sessions in memory exceed the limits by that many at most; ``flush``
-    waits for them, ``close`` too and stops the thread.
+    ``SPILL_QUEUE`` waiting and, under a memory limit, at most ``SPILL_QUEUE_SHARE`` of it: so evicted sessions in
+    memory exceed the limits by that much at most; ``flush`` waits for them, ``close`` too and stops the thread.
     """
 
     #: evicted sessions that may wait in memory for the background writer; past that the evicting request writes
     SPILL_QUEUE = 4
+    #: under ``max_bytes``, the share of it that their state may take
+    SPILL_QUEUE_SHARE = 0.125
 
     def __init__(
         self,
@@ -246,8 +248,9 @@ class SessionTable:
         self._spilling: dict[SessionKey, Session] = {}
         #: each session this table spilled to disk, as it was then: for listing, and for its idle expiry there
         self._spilled: dict[SessionKey, SessionSummary] = {}
+        queue_bytes = None if max_bytes is None else int(max_bytes * self.SPILL_QUEUE_SHARE)
         #: writes evicted sessions to disk in the background (``limit`` 0: in the evicting request)
-        self.spill_writer = WriteBehind(self.SPILL_QUEUE, "session-spill")
+        self.spill_writer = WriteBehind(self.SPILL_QUEUE, "session-spill", max_size=queue_bytes)
         #: the last request of sessions that a request ended (as many as there may be live sessions), for a retry
         #: of that request; dropped when a new session takes the key
         self._ended: OrderedDict[SessionKey, AppliedRequest] = OrderedDict()
@@ -337,7 +340,7 @@ class SessionTable:
     def _let_go(self, evicted: list[Session]) -> None:
         for session in evicted:
             if self.spill:
-                self.spill_writer.submit(partial(self._write_spilled, session))
+                self.spill_writer.submit(partial(self._write_spilled, session), session.size)
             else:
                 log.info("session %s evicted (table full: %s)", session.key, self._limits())
                 self._notify(session.key, "evicted")

@@ -44,6 +44,37 @@ def test_a_full_line_makes_the_caller_run_its_job() -> None:
     writer.close()
 
 
+def test_jobs_wait_only_while_their_sizes_fit() -> None:
+    """The running job's size counts until it ends; a job that does not fit runs in its caller."""
+    writer = WriteBehind(limit=8, name="test-writer", max_size=100)
+    release = threading.Event()
+    started = threading.Event()
+    ran: list[tuple[str, str]] = []
+
+    def record(name: str) -> None:
+        ran.append((name, threading.current_thread().name))
+
+    def blocker() -> None:
+        started.set()
+        release.wait(10)
+        record("running-60")
+
+    writer.submit(blocker, 60)
+    assert started.wait(10)
+    writer.submit(lambda: record("queued-40"), 40)
+    writer.submit(lambda: record("inline-1"), 1)
+    assert ran == [("inline-1", threading.current_thread().name)], "60 + 40 leave no room"
+    release.set()
+    writer.flush()
+    writer.submit(lambda: record("inline-101"), 101)
+    assert ran[-1] == ("inline-101", threading.current_thread().name), "never fits"
+    writer.submit(lambda: record("queued-100"), 100)
+    writer.flush()
+    assert ran[-1] == ("queued-100", "test-writer"), "the line is empty again"
+    assert [name for name, _ in ran] == ["inline-1", "running-60", "queued-40", "inline-101", "queued-100"]
+    writer.close()
+
+
 def test_close_runs_what_waits_and_later_jobs_run_inline() -> None:
     writer = WriteBehind(limit=4, name="test-writer")
     gate = threading.Event()
