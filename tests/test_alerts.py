@@ -16,6 +16,7 @@ ALERTS = (
     "TtaserveHighErrorRate",
     "TtaserveLatencyP99High",
     "TtaserveSessionCollapses",
+    "TtaserveSessionsThrashing",
     "TtaserveCertificateExpiresSoon",
     "TtaserveCertificateReloadRejected",
     "TtaserveClientCaExpiresSoon",
@@ -31,7 +32,7 @@ def promtool(*args: str) -> str:
 
 
 def test_rules_pass_promtool_check() -> None:
-    assert "SUCCESS: 11 rules found" in promtool("check", "rules", "alerts.yml")
+    assert "SUCCESS: 12 rules found" in promtool("check", "rules", "alerts.yml")
 
 
 def test_rules_unit_tests_pass() -> None:
